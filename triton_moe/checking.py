@@ -1,0 +1,283 @@
+"""The checker library: one set of tools used by notebook cells, pytest and the grader.
+
+A checker takes the learner's function, draws fresh random inputs (seed printed), poisons the outputs,
+runs the function, compares with a float64 reference and returns a :class:`CheckResult` whose message
+says what to fix ("rows 37-63 never written", "token 5 / expert 3: max error 0.4 at column 17").
+
+Writing a checker::
+
+    @exercise("01", "moe_forward_loop", points=2, hint="loop over experts, gather their tokens ...")
+    def check_moe_forward_loop(fn, seed):
+        ...                     # raise CheckFailure("what is wrong", hint="what to try") on a problem
+
+The decorator registers it (see :mod:`triton_moe.exercises`) and turns exceptions into results:
+``NotImplementedError`` or an untouched stub -> "not attempted"; ``CheckFailure`` -> "failed";
+any other exception -> "failed" with the exception named.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .reference import new_seed
+
+# The text the exercise generator puts where a solution was; a function whose source still holds it was
+# not attempted (this is how stubs inside @triton.jit bodies, which cannot raise, are recognised).
+STUB_MARKER = "YOUR CODE HERE"
+
+# Relative Frobenius error ||out - ref|| / ||ref|| allowed per input dtype, against a float64 reference.
+# fp32 allows for tf32 tensor-core dots on a GPU (Triton's default for fp32 tl.dot).
+TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 2e-3,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+
+PASSED, FAILED, NOT_ATTEMPTED, SKIPPED = "passed", "failed", "not attempted", "skipped"
+
+
+@dataclass
+class CheckResult:
+    exercise: str
+    status: str
+    message: str = ""
+    hint: str = ""
+    seed: int | None = None
+    cases: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        icon = {PASSED: "PASS", FAILED: "FAIL", NOT_ATTEMPTED: "TODO", SKIPPED: "SKIP"}.get(self.status, "?")
+        lines = [f"[{icon}] {self.exercise}: {self.status}" + (f" (seed {self.seed})" if self.seed is not None else "")]
+        if self.message:
+            lines.append(f"  {self.message}")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        if self.passed and self.cases:
+            lines.append("  cases: " + "; ".join(self.cases))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+class CheckFailure(Exception):
+    """Raised inside a checker: ``message`` says what is wrong, ``hint`` what to try."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and outputs
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output with values no correct kernel writes: NaN for floats, -7777 for integers."""
+    if t.dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    return t.fill_(-7777)
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    return poison_(torch.empty(shape, dtype=dtype, device=device))
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCE[dtype]
+
+
+def ranges(indices) -> str:
+    """[37, 38, ..., 63, 70] -> '37-63, 70'."""
+    idx = sorted(int(i) for i in indices)
+    out, start, prev = [], None, None
+    for i in idx:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ", ".join(out)
+
+
+def expect_tensor(name: str, value, shape=None, dtype=None, device=None) -> torch.Tensor:
+    """Shape/dtype/device checks with messages that say what was expected."""
+    if not isinstance(value, torch.Tensor):
+        raise CheckFailure(f"{name} should be a torch.Tensor, got {type(value).__name__}",
+                           hint="return the tensor itself, not a tuple or a list")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise CheckFailure(f"{name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if dtype is not None:
+        dtypes = dtype if isinstance(dtype, (tuple, list)) else (dtype,)
+        if value.dtype not in dtypes:
+            want = " or ".join(str(d) for d in dtypes)
+            raise CheckFailure(f"{name} has dtype {value.dtype}, expected {want}",
+                               hint="cast with .to(dtype) at the end, not in the middle of the computation")
+    if device is not None and value.device.type != torch.device(device).type:
+        raise CheckFailure(f"{name} is on {value.device}, expected {device}")
+    return value
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-300))
+
+
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+            row_label: Callable[[int], str] = lambda i: f"row {i}", rows: torch.Tensor | None = None,
+            tol: float | None = None) -> float:
+    """Compare ``out`` (any float dtype) with a float64 ``ref`` of the same shape.
+
+    Checks, in order: unwritten rows (poison left), inf, then the relative Frobenius error against the
+    dtype's tolerance; on failure names the worst row and column. ``rows`` restricts the comparison to
+    those row indices (e.g. real rows among padding). Returns the relative error."""
+    tol = tolerance(dtype) if tol is None else tol
+    if rows is not None:
+        out, ref = out[rows], ref[rows]
+        names = [int(r) for r in rows.tolist()]
+    else:
+        names = list(range(out.shape[0]))
+    out64 = out.detach().double().cpu().reshape(out.shape[0], -1)
+    ref64 = ref.detach().double().cpu().reshape(ref.shape[0], -1)
+    nan_rows = torch.isnan(out64).any(dim=1).nonzero().flatten().tolist()
+    if nan_rows:
+        some_cols = torch.isnan(out64[nan_rows[0]]).nonzero().flatten()
+        whole = bool(torch.isnan(out64[nan_rows]).all())
+        what = "never written" if whole else f"partly unwritten (e.g. column {int(some_cols[0])})"
+        raise CheckFailure(
+            f"{name}: {len(nan_rows)} of {out64.shape[0]} rows {what}: rows {ranges(names[i] for i in nan_rows)} "
+            "still hold the NaN poison",
+            hint="check the store mask and the grid: every output row and column must be written (or NaN came "
+                 "from your arithmetic, e.g. reading past the end of a tensor)")
+    if torch.isinf(out64).any():
+        r = int(torch.isinf(out64).any(dim=1).nonzero()[0])
+        raise CheckFailure(f"{name}: {row_label(names[r])} contains inf", hint="overflow: accumulate in float32")
+    err = relative_error(out64, ref64)
+    if not err <= tol:
+        diff = (out64 - ref64).abs()
+        r, c = divmod(int(diff.argmax()), diff.shape[1])
+        raise CheckFailure(
+            f"{name}: relative error {err:.3g} > tolerance {tol:g} for {str(dtype).replace('torch.', '')}; worst at "
+            f"{row_label(names[r])}: max error {float(diff[r, c]):.3g} at column {c} "
+            f"(got {float(out64[r, c]):.4g}, expected {float(ref64[r, c]):.4g})")
+    return err
+
+
+def compare_exact(name: str, out: torch.Tensor, ref: torch.Tensor, what: str = "entry") -> None:
+    """Integer outputs (indices, counts): must match exactly; names the first mismatch."""
+    if tuple(out.shape) != tuple(ref.shape):
+        raise CheckFailure(f"{name} has shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
+    bad = (out.cpu().long() != ref.cpu().long()).nonzero()
+    if len(bad):
+        i = tuple(int(v) for v in bad[0])
+        where = i[0] if len(i) == 1 else i
+        got, exp = int(out.cpu().long()[i]), int(ref.cpu().long()[i])
+        unwritten = " (still the poison value: never written)" if got == -7777 else ""
+        raise CheckFailure(f"{name}: {len(bad)} wrong {what}(s); first at {where}: got {got}, expected {exp}{unwritten}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Running checkers
+
+
+def is_untouched(fn) -> bool:
+    """True when the function's source still holds the generator's stub marker."""
+    src = getattr(fn, "src", None)  # triton.JITFunction keeps its source here
+    if src is None:
+        try:
+            src = inspect.getsource(fn)
+        except (OSError, TypeError):
+            return False
+    return STUB_MARKER in src
+
+
+def grading() -> bool:
+    """True while the grader runs a notebook: notebook check cells then do nothing (the grader runs the
+    checkers itself, with its own seed) and GPU timing cells are skipped."""
+    return os.environ.get("TRITON_MOE_GRADING") == "1"
+
+
+@dataclass
+class Exercise:
+    chapter: str          # "01"
+    name: str             # the function the learner writes, looked up by name in the notebook
+    check: Callable       # check(fn, seed) raising CheckFailure; wrapped by run()
+    points: int = 1
+    hint: str = ""
+    kernels: tuple = ()   # extra names (e.g. @triton.jit kernels) whose stubs mean "not attempted"
+
+    @property
+    def key(self) -> str:
+        return f"{self.chapter}:{self.name}"
+
+    def run(self, fn, seed: int | None = None, namespace: dict | None = None) -> CheckResult:
+        if fn is None:
+            return CheckResult(self.key, NOT_ATTEMPTED, f"no function named {self.name!r} was defined",
+                               hint="run the cell that defines it (and keep its name)")
+        seed = new_seed() if seed is None else seed
+        watched = [fn] + [namespace.get(k) for k in self.kernels if namespace and namespace.get(k) is not None]
+        if any(is_untouched(f) for f in watched):
+            return CheckResult(self.key, NOT_ATTEMPTED, "the exercise still holds its stub",
+                               hint=self.hint or "replace the '# YOUR CODE HERE' block with your code", seed=seed)
+        try:
+            cases = self.check(fn, seed) or []
+        except NotImplementedError as exc:
+            return CheckResult(self.key, NOT_ATTEMPTED, str(exc) or "the function raises NotImplementedError",
+                               hint=self.hint, seed=seed)
+        except CheckFailure as exc:
+            return CheckResult(self.key, FAILED, exc.message, exc.hint or self.hint, seed)
+        except Exception as exc:  # the learner's code crashed: say where
+            tb = traceback.extract_tb(exc.__traceback__)
+            where = f" (at {tb[-1].name}, line {tb[-1].lineno})" if tb else ""
+            return CheckResult(self.key, FAILED, f"your code raised {type(exc).__name__}: {exc}{where}",
+                               hint=self.hint, seed=seed)
+        return CheckResult(self.key, PASSED, seed=seed, cases=list(cases))
+
+    def __call__(self, fn, seed: int | None = None, **namespace) -> CheckResult:
+        """Notebook entry point: ``check_x(my_fn)``; prints and returns the result."""
+        if grading():
+            return CheckResult(self.key, SKIPPED, "checked by the grader instead")
+        result = self.run(fn, seed, namespace or _caller_globals())
+        print(result)
+        return result
+
+
+def _caller_globals() -> dict:
+    frame = inspect.currentframe()
+    try:
+        return dict(frame.f_back.f_back.f_globals)
+    finally:
+        del frame
+
+
+REGISTRY: dict[str, Exercise] = {}
+
+
+def exercise(chapter: str, name: str, points: int = 1, hint: str = "", kernels: tuple = ()):
+    """Register ``check(fn, seed) -> list of case descriptions`` as the checker of one exercise."""
+
+    def wrap(check):
+        ex = Exercise(chapter, name, check, points, hint, tuple(kernels))
+        REGISTRY[ex.key] = ex
+        functools.update_wrapper(ex, check)
+        return ex
+
+    return wrap
