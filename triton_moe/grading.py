@@ -19,6 +19,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+import nbformat
+
 from .checking import FAILED, NOT_ATTEMPTED, REGISTRY
 
 DEFAULT_TIMEOUT = 600  # seconds per notebook
@@ -34,23 +36,44 @@ def _strip_magics(src: str) -> str:
     return "\n".join("pass  # " + line if line.lstrip().startswith(("%", "!")) else line for line in src.split("\n"))
 
 
-def run_notebook_here(path: Path, seed: int | None) -> list[dict]:
-    """Runs in the child process: execute the notebook's code cells, then the chapter's checkers."""
-    from .notebooks import chapter_of, code_cells
+SKIP_TAG = "skip-grading"  # cell tag: plots, timing tables and demos the grader and tests need not run
 
+
+def exec_notebook(path: Path, replace: list[tuple[str, str]] = (), skip_tags=(SKIP_TAG,),
+                  stop_on_error: bool = False) -> tuple[dict, list[str]]:
+    """Execute a notebook's code cells in order in this process; return (namespace, cell errors).
+
+    Each cell is written to a real file first, so ``@triton.jit`` (which reads its function's source via
+    ``inspect``) works as it does in Jupyter. ``replace`` plants bugs for tests: each (old, new) must
+    occur exactly once in the notebook's code. Cells tagged ``skip-grading`` are skipped."""
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and not set(skip_tags) & set(c.metadata.get("tags", []))]
+    sources = [c.source for c in cells]
+    for old, new in replace:
+        hits = sum(src.count(old) for src in sources)
+        if hits != 1:
+            raise ValueError(f"replace: {old!r} occurs {hits} times in {path}, expected exactly once")
+        sources = [src.replace(old, new) for src in sources]
     ns: dict = {"__name__": "__main__", "display": print}
-    cell_errors = []
+    errors = []
     tmp = Path(tempfile.mkdtemp(prefix="triton_moe_cells_"))
-    for i, src in enumerate(code_cells(path)):
-        # Real files, so @triton.jit (which reads its function's source through inspect) works.
-        f = tmp / f"cell_{i:02d}.py"
+    for i, src in enumerate(sources):
+        f = tmp / f"{Path(path).stem}_cell_{i:02d}.py"
         f.write_text(_strip_magics(src))
         try:
             exec(compile(f.read_text(), str(f), "exec"), ns)
         except BaseException as exc:  # noqa: BLE001  (a learner's SystemExit must not end grading)
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, KeyboardInterrupt) or stop_on_error:
                 raise
-            cell_errors.append(f"cell {i}: {type(exc).__name__}: {exc}")
+            errors.append(f"cell {i}: {type(exc).__name__}: {exc}")
+    return ns, errors
+
+
+def run_notebook_here(path: Path, seed: int | None) -> list[dict]:
+    """Runs in the child process: execute the notebook's code cells, then the chapter's checkers."""
+    from .notebooks import chapter_of
+
+    ns, cell_errors = exec_notebook(path)
     results = []
     for k, ex in enumerate(_exercises(chapter_of(path))):
         r = ex.run(ns.get(ex.name), None if seed is None else seed + 1000 * k, ns)

@@ -136,3 +136,42 @@ def expert_contributions(x, topk_weights, topk_ids, w1, w3, w2) -> torch.Tensor:
             y = expert_mlp_reference(x[token], w1[e], w3[e], w2[e])
             out[token, slot] = y * topk_weights[token, slot].double()[:, None]
     return out
+
+
+def dispatch_sizes(tokens: int, top_k: int, experts: int, block_m: int) -> tuple[int, int]:
+    """Worst-case (static) sizes of the sorted dispatch: every expert's segment can waste up to
+    block_m - 1 padding slots. Static sizes mean no host synchronisation, so a CUDA graph can hold it."""
+    max_padded = tokens * top_k + experts * (block_m - 1)
+    max_blocks = -(-max_padded // block_m)
+    return max_blocks * block_m, max_blocks
+
+
+def sorted_dispatch_reference(topk_ids: torch.Tensor, experts: int, block_m: int):
+    """The dispatch contract every kernel from chapter 2 on uses (as in vLLM's moe_align_block_size).
+
+    Flatten the [M, top_k] choices to slots ``s = token * top_k + k``. Group the slots by expert, in
+    increasing slot order inside each expert; pad each expert's segment to a multiple of ``block_m``
+    with the sentinel ``M * top_k``; experts with no tokens get no block. Returns
+
+    - ``sorted_token_ids`` int32 [max_blocks * block_m]: slots, sentinel for padding and the unused tail;
+    - ``expert_ids`` int32 [max_blocks]: the expert of each block, -1 for blocks past the end;
+    - ``num_tokens_post_padded`` int32 [1]: rows in use (a multiple of block_m).
+    """
+    M, k = topk_ids.shape
+    size, max_blocks = dispatch_sizes(M, k, experts, block_m)
+    sentinel = M * k
+    flat = topk_ids.reshape(-1).long().cpu()
+    sorted_ids = torch.full((size,), sentinel, dtype=torch.int32)
+    expert_ids = torch.full((max_blocks,), -1, dtype=torch.int32)
+    pos = 0
+    for e in range(experts):
+        slots = torch.nonzero(flat == e).flatten()
+        n = slots.numel()
+        if n == 0:
+            continue
+        padded = -(-n // block_m) * block_m
+        sorted_ids[pos: pos + n] = slots.int()
+        expert_ids[pos // block_m: (pos + padded) // block_m] = e
+        pos += padded
+    dev = topk_ids.device
+    return sorted_ids.to(dev), expert_ids.to(dev), torch.tensor([pos], dtype=torch.int32, device=dev)
