@@ -201,6 +201,9 @@ def compare_exact(name: str, out: torch.Tensor, ref: torch.Tensor, what: str = "
 def is_untouched(fn) -> bool:
     """True when the function's source still holds the generator's stub marker."""
     src = getattr(fn, "src", None)  # triton.JITFunction keeps its source here
+    while src is None and hasattr(fn, "fn"):  # the interpreter's InterpretedFunction wraps the Python function
+        fn = fn.fn
+        src = getattr(fn, "src", None)
     if src is None:
         try:
             src = inspect.getsource(fn)

@@ -40,12 +40,13 @@ SKIP_TAG = "skip-grading"  # cell tag: plots, timing tables and demos the grader
 
 
 def exec_notebook(path: Path, replace: list[tuple[str, str]] = (), skip_tags=(SKIP_TAG,),
-                  stop_on_error: bool = False) -> tuple[dict, list[str]]:
+                  stop_on_error: bool = False, grading: bool = True) -> tuple[dict, list[str]]:
     """Execute a notebook's code cells in order in this process; return (namespace, cell errors).
 
     Each cell is written to a real file first, so ``@triton.jit`` (which reads its function's source via
     ``inspect``) works as it does in Jupyter. ``replace`` plants bugs for tests: each (old, new) must
-    occur exactly once in the notebook's code. Cells tagged ``skip-grading`` are skipped."""
+    occur exactly once in the notebook's code. Cells tagged ``skip-grading`` are skipped. With
+    ``grading`` the notebook's own check cells do nothing (the caller runs the checkers)."""
     nb = nbformat.read(path, as_version=4)
     cells = [c for c in nb.cells if c.cell_type == "code" and not set(skip_tags) & set(c.metadata.get("tags", []))]
     sources = [c.source for c in cells]
@@ -56,6 +57,20 @@ def exec_notebook(path: Path, replace: list[tuple[str, str]] = (), skip_tags=(SK
         sources = [src.replace(old, new) for src in sources]
     ns: dict = {"__name__": "__main__", "display": print}
     errors = []
+    saved = os.environ.get("TRITON_MOE_GRADING")
+    if grading:
+        os.environ["TRITON_MOE_GRADING"] = "1"
+    try:
+        _exec_cells(path, sources, ns, errors, stop_on_error)
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_MOE_GRADING", None)
+        else:
+            os.environ["TRITON_MOE_GRADING"] = saved
+    return ns, errors
+
+
+def _exec_cells(path, sources, ns, errors, stop_on_error):
     tmp = Path(tempfile.mkdtemp(prefix="triton_moe_cells_"))
     for i, src in enumerate(sources):
         f = tmp / f"{Path(path).stem}_cell_{i:02d}.py"
@@ -66,7 +81,6 @@ def exec_notebook(path: Path, replace: list[tuple[str, str]] = (), skip_tags=(SK
             if isinstance(exc, KeyboardInterrupt) or stop_on_error:
                 raise
             errors.append(f"cell {i}: {type(exc).__name__}: {exc}")
-    return ns, errors
 
 
 def run_notebook_here(path: Path, seed: int | None) -> list[dict]:
