@@ -155,7 +155,8 @@ def chapter_of(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Authoring helper: write a notebook from percent-format text ("# %%" code cells, "# %% [markdown]").
+# Authoring helper: write a notebook from percent-format text ("# %%" code cells, "# %% [markdown]",
+# '# %% tags=["skip-grading"]' for tagged code cells).
 
 
 def from_percent(text: str):
@@ -167,7 +168,10 @@ def from_percent(text: str):
             md = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.split("\n"))
             cells.append(nbformat.v4.new_markdown_cell(md))
         else:
-            cells.append(nbformat.v4.new_code_cell(body))
+            cell = nbformat.v4.new_code_cell(body)
+            if m := re.search(r"tags=\[([^\]]*)\]", head):
+                cell.metadata["tags"] = [t.strip().strip("'\"") for t in m.group(1).split(",") if t.strip()]
+            cells.append(cell)
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}

@@ -16,7 +16,9 @@ def check_axpb(fn, seed):
     for n in (1, 1000, 4099):  # none is a multiple of a power-of-two block
         x = torch.randn(n, generator=gen).to(device())
         a, b = float(torch.randn(1, generator=gen)), float(torch.randn(1, generator=gen))
-        out = poisoned((n + 64,), torch.float32, device())  # 64 guard elements past the end
+        # Guard elements past the end (a full block of any size up to 4096) catch an unmasked store without
+        # letting it corrupt the heap: the interpreter does not check bounds.
+        out = poisoned((n + 4096,), torch.float32, device())
         y = fn(x, a, b, out[:n])
         expect_tensor("y", y, (n,), torch.float32, device())
         if not torch.isnan(out[n:]).all():

@@ -1,0 +1,148 @@
+"""Chapter 6's example kernel: one tiled matmul, the same source for NVIDIA and AMD.
+
+``tiled_matmul(a, w)`` computes ``a @ w.T`` with ``a: [M, K]`` and ``w: [N, K]`` (the ``[N, K]`` layout of
+one expert's weight in the course's ``[E, N, K]`` stacks). It is the inner loop of every GEMM in the MoE
+forward, small enough to read in one screen, and its launch config decides whether it fits a target:
+
+- the shared memory (NVIDIA) / LDS (AMD) a config needs grows with ``num_stages * (BLOCK_M + BLOCK_N) *
+  BLOCK_K * bytes``: H100 gives a block 227 KB, MI300X a workgroup 64 KB;
+- the fp32 accumulator is ``BLOCK_M * BLOCK_N`` values spread over ``num_warps * warp_size`` threads: a
+  warp is 32 threads on NVIDIA and a wavefront 64 on AMD, so the same ``num_warps`` gives each AMD thread
+  half as many accumulator registers to hold.
+
+Configs come from per-vendor tables (:mod:`triton_moe.vendor`): ``triton_moe/tables/tiled_matmul.<vendor>.json``.
+``compile_specs()`` lists every config of those tables in bf16 and fp16 for the cross-compilation check;
+``planted_spill_specs()`` and ``planted_error_specs()`` are configs that must fail it (tests and chapter 6).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import validate
+from ..configs import KernelConfig
+from ..crosscompile import DIV16, CompileSpec
+
+KERNEL = "tiled_matmul"
+
+
+@triton.jit
+def tiled_matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K,
+                        stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    # Grouped program order: GROUP_M row blocks share each column block of W while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak      # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk      # [BLOCK_K, BLOCK_N] = W^T tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=(rn[None, :] < N) & (rk[:, None] < k_left), other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def tiled_matmul(a: torch.Tensor, w: torch.Tensor, config: KernelConfig | None = None) -> torch.Tensor:
+    """``a @ w.T`` for ``a: [M, K]``, ``w: [N, K]``; the config comes from this device's vendor table
+    unless given. On the CPU (interpreter) use float16 or float32."""
+    from ..mode import check_interpreter_dtype
+    from ..vendor import pick_config
+
+    validate.tensor("a", a, ndim=2, dtypes=validate.FLOAT_DTYPES, nonempty=True, contiguous=False)
+    validate.tensor("w", w, ndim=2, dtypes=validate.FLOAT_DTYPES, device=a.device, contiguous=False)
+    validate.same_dtype(a=a, w=w)
+    if w.shape[1] != a.shape[1]:
+        raise ValueError(f"w must have shape [N, {a.shape[1]}] (K of a), got {list(w.shape)}")
+    check_interpreter_dtype("tiled_matmul", a.dtype)
+    M, K = a.shape
+    N = w.shape[0]
+    cfg = config or pick_config(KERNEL, M)
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+    tiled_matmul_kernel[grid](a, w, c, M, N, K, a.stride(0), a.stride(1), w.stride(0), w.stride(1),
+                              c.stride(0), c.stride(1), **cfg.meta())
+    return c
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-compilation specs (chapter 6)
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def spec_for(config: KernelConfig, dtype: str = "bf16", vendors: tuple = ("nvidia", "amd"),
+             label: str = "") -> CompileSpec:
+    """The compile spec of ``tiled_matmul_kernel`` in one config, specialised as a real launch on
+    contiguous tensors is: unit strides become constexpr 1, pointers and the other strides are
+    16-divisible (K and N multiples of 16, as every model shape in the course is)."""
+    ptr = f"*{dtype}"
+    signature = {"a_ptr": ptr, "w_ptr": ptr, "c_ptr": ptr, "M": "i32", "N": "i32", "K": "i32",
+                 "stride_am": "i32", "stride_ak": "constexpr", "stride_wn": "i32", "stride_wk": "constexpr",
+                 "stride_cm": "i32", "stride_cn": "constexpr",
+                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
+    constexprs = {"stride_ak": 1, "stride_wk": 1, "stride_cn": 1, "BLOCK_M": config.BLOCK_M,
+                  "BLOCK_N": config.BLOCK_N, "BLOCK_K": config.BLOCK_K, "GROUP_M": config.GROUP_M}
+    attrs = {p: DIV16 for p in ("a_ptr", "w_ptr", "c_ptr", "N", "K", "stride_am", "stride_wn", "stride_cm")}
+    name = (f"{KERNEL}[{config.BLOCK_M}x{config.BLOCK_N}x{config.BLOCK_K} w{config.num_warps} "
+            f"s{config.num_stages}" + "".join(f" {k}={v}" for k, v in sorted(config.extra.items())) + "]"
+            + (f" {label}" if label else "") + f" {dtype}")
+    return CompileSpec(name, tiled_matmul_kernel, signature, constexprs, num_warps=config.num_warps,
+                       num_stages=config.num_stages, options=dict(config.extra), attrs=attrs,
+                       vendors=tuple(vendors))
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every config of every vendor table of this kernel, bf16 and fp16; each table's configs are
+    compiled for that vendor's targets only (an AMD table's ``waves_per_eu`` means nothing to ptxas)."""
+    from ..vendor import vendor_tables
+
+    specs = []
+    for vendor, table in vendor_tables(KERNEL).items():
+        seen = []
+        for _, cfg in table:
+            if cfg in seen and cfg.extra == seen[seen.index(cfg)].extra:
+                continue
+            seen.append(cfg)
+            for dtype in ("bf16", "fp16"):
+                specs.append(spec_for(cfg, dtype, (vendor,), label=f"({vendor} table)"))
+    return specs
+
+
+# Configs that must fail the check, kept as lessons for chapter 6 and as tests of the check itself.
+SPILL_CONFIG = KernelConfig(BLOCK_M=256, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=2)
+LDS_OVERFLOW_CONFIG = KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)
+COMPILE_ERROR_CONFIG = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=8, num_warps=4, num_stages=3)
+
+
+def planted_spill_specs() -> list[CompileSpec]:
+    """A 256x256 fp32 accumulator over only 4 warps: 512 accumulator registers per thread on NVIDIA
+    (255 is the most a thread can have), 256 on AMD. Spills everywhere."""
+    return [spec_for(SPILL_CONFIG, "bf16", label="(planted spill)")]
+
+
+def planted_overflow_specs() -> list[CompileSpec]:
+    """4 stages of 128x64 + 256x64 bf16 tiles: about 192 KB of shared memory. Fits an H100 block (227 KB),
+    not an A100 block (163 KB) or an MI300X workgroup's LDS (64 KB)."""
+    return [spec_for(LDS_OVERFLOW_CONFIG, "bf16", label="(planted overflow)")]
+
+
+def planted_error_specs() -> list[CompileSpec]:
+    """BLOCK_K=8: the interpreter runs it, but ``tl.dot`` needs K >= 16 on the GPU backends."""
+    return [spec_for(COMPILE_ERROR_CONFIG, "bf16", label="(planted compile error)")]
