@@ -1,0 +1,210 @@
+"""Grouped GEMM over sorted tokens (chapter 3): every expert's matmul in one launch.
+
+``out[slot] = a[slot // a_rows_per_token] @ w[expert(slot)].T`` for every slot ``s = token * top_k + j`` that
+the dispatch (:func:`triton_moe.kernels.dispatch.sorted_dispatch`) placed in a block of its expert.
+
+- Each program computes one (block of BLOCK_M sorted rows, block of BLOCK_N output columns) tile. All rows of a
+  block belong to one expert (the dispatch padded each expert's run to a multiple of BLOCK_M), so the program
+  reads one expert id and one weight tile per K step.
+- Rows are gathered straight from the unsorted activations: input row = slot // a_rows_per_token (top_k for the
+  first projection on token activations; 1 when ``a`` already has one row per slot). No permuted copy.
+- Weights are one stacked ``[E, N, K]`` tensor: expert e's tile starts at ``w + e * stride_we`` (int64: E*N*K
+  exceeds 2**31 for DeepSeek-V3). No pointer tables (the interpreter cannot follow them).
+- fp32 accumulation with ``tl.dot``; padding rows (the sentinel ``num_slots``) and the N and K tails masked;
+  results written to row ``slot`` of ``out`` ([num_slots, N], slot order).
+- Launch order: GROUP_M row blocks share a column block before moving on (the weight tile is then still in L2
+  when the next row block of the same expert needs it).
+
+Configs come from a table keyed by the number of GEMM rows ``num_slots = tokens * top_k`` (never autotune):
+a CPU table with large tiles (the interpreter costs ~7 ms per program x K step) and a GPU table written by
+``benchmarks/tune_grouped_gemm.py`` (``triton_moe/tables/grouped_gemm.nvidia.json``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import validate
+from ..configs import KernelConfig, load_table, pick
+from ..crosscompile import CompileSpec
+from ..mode import ON_GPU, check_interpreter_dtype
+
+TABLES = Path(__file__).resolve().parent.parent / "tables"
+
+# Interpreter: few, large programs. BLOCK_K * BLOCK_N tiles small enough for AMD's 64 KiB LDS at 2 stages.
+CPU_TABLE = [
+    (64, KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=2)),
+    (1 << 31, KernelConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=2)),
+]
+
+# GPU fallback when no tuned table exists for the vendor (AMD, or before the tuning run): decode wants a
+# small BLOCK_M (few rows per expert: padding is wasted work) and a large BLOCK_K (long K loop, few rows).
+DEFAULT_GPU_TABLE = [
+    (32, KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)),
+    (512, KernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)),
+    (2048, KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)),
+    (1 << 31, KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)),
+]
+
+
+@triton.jit
+def grouped_launch_order(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id -> (row block, column block): GROUP_M row blocks walk a column block together."""
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+                        N, K, num_slots, a_rows_per_token,
+                        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = tl.num_programs(0) // num_pid_n
+    pid_m, pid_n = grouped_launch_order(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
+        return                                           # a block past the end of the padded runs
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_token_ids_ptr + offs_m)       # [BLOCK_M] slots, num_slots for padding rows
+    row_ok = slots < num_slots
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    ### BEGIN SOLUTION
+    # HINT: input row of a slot = slot // a_rows_per_token (a holds tokens, a slot is token * top_k + j).
+    # HINT: a_ptrs: [BLOCK_M, BLOCK_K]; w_ptrs: [BLOCK_K, BLOCK_N] inside expert `expert`'s [N, K] matrix,
+    # HINT: i.e. w_ptr + expert * stride_we + offs_n * stride_wn + offs_k * stride_wk (w is read transposed).
+    a_rows = slots // a_rows_per_token
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    ### END SOLUTION
+    # STUB: a_ptrs = a_ptr + offs_m[:, None] * 0 + offs_k[None, :] * 0
+    # STUB: w_ptrs = w_ptr + offs_n[None, :] * 0 + offs_k[:, None] * 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        ### BEGIN SOLUTION
+        # HINT: mask the loads: padding rows (row_ok), columns past N, and the K tail (offs_k < K - k0 * BLOCK_K),
+        # HINT: with other=0.0 so masked elements add nothing; then acc = tl.dot(a, w, acc).
+        k_ok = offs_k < K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, w, acc)
+        ### END SOLUTION
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    ### BEGIN SOLUTION
+    # HINT: write row `slot` (not the sorted row) of out; skip padding rows and columns past N.
+    out_ptrs = out_ptr + slots[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+    ### END SOLUTION
+    # STUB: pass
+
+
+def load_gpu_table(vendor: str):
+    """The tuned table of this vendor if one is committed, else :data:`DEFAULT_GPU_TABLE`."""
+    path = TABLES / f"grouped_gemm.{vendor}.json"
+    return load_table(path) if path.exists() else DEFAULT_GPU_TABLE
+
+
+def config_table():
+    """The table this machine uses: CPU_TABLE in interpreter mode, the vendor's GPU table otherwise."""
+    if not ON_GPU:
+        return CPU_TABLE
+    return load_gpu_table("amd" if getattr(torch.version, "hip", None) else "nvidia")
+
+
+def pick_config(num_slots: int) -> KernelConfig:
+    """Config for a grouped GEMM of ``num_slots = tokens * top_k`` rows. Run the dispatch with its BLOCK_M."""
+    return pick(config_table(), num_slots)
+
+
+def grouped_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, a_rows_per_token, config=None,
+                 out=None):
+    """``out[slot] = a[slot // a_rows_per_token] @ w[expert of slot].T`` for the slots of a sorted dispatch.
+
+    a: [rows, K]; w: [E, N, K] (stacked, same dtype); the dispatch tensors of
+    :func:`triton_moe.kernels.dispatch.sorted_dispatch` built with ``block_m == config.BLOCK_M`` for
+    ``num_slots = a.shape[0] * a_rows_per_token`` slots. ``config=None`` takes :func:`pick_config` (with the
+    dispatch's BLOCK_M). ``out`` ([num_slots, N], a's dtype) may be passed, e.g. a buffer a CUDA graph reuses.
+    Returns out [num_slots, N] in slot order (slot = token * top_k + j)."""
+    validate.tensor("a", a, ndim=2, dtypes=validate.FLOAT_DTYPES, nonempty=True)
+    validate.tensor("w", w, ndim=3, dtypes=validate.FLOAT_DTYPES, device=a.device)
+    validate.same_dtype(a=a, w=w)
+    check_interpreter_dtype("grouped_gemm", a.dtype)
+    E, N, K = w.shape
+    if a.shape[1] != K:
+        raise ValueError(f"a has {a.shape[1]} columns but w is [E, N, K] = {list(w.shape)}: K must match")
+    validate.tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtypes=(torch.int32,), device=a.device)
+    validate.tensor("expert_ids", expert_ids, ndim=1, dtypes=(torch.int32,), device=a.device, nonempty=True)
+    validate.tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtypes=(torch.int32,),
+                    device=a.device)
+    if not isinstance(a_rows_per_token, int) or isinstance(a_rows_per_token, bool) or a_rows_per_token < 1:
+        raise ValueError(f"a_rows_per_token must be a positive int (top_k, or 1), got {a_rows_per_token!r}")
+    block_m, rem = divmod(sorted_token_ids.numel(), expert_ids.numel())
+    if rem or block_m < 1:
+        raise ValueError(f"sorted_token_ids ({sorted_token_ids.numel()}) must hold expert_ids.numel() "
+                         f"({expert_ids.numel()}) blocks of BLOCK_M rows: pass the three dispatch outputs together")
+    num_slots = a.shape[0] * a_rows_per_token
+    if config is None:
+        config = dataclasses.replace(pick_config(num_slots), BLOCK_M=block_m)
+    if not isinstance(config, KernelConfig):
+        raise ValueError(f"config must be a triton_moe.configs.KernelConfig, got {type(config).__name__}")
+    if config.BLOCK_M != block_m:
+        raise ValueError(f"config.BLOCK_M={config.BLOCK_M} but the dispatch was built with block_m={block_m}: "
+                         "run sorted_dispatch with the config's BLOCK_M")
+    if out is None:
+        out = torch.empty(num_slots, N, dtype=a.dtype, device=a.device)
+    else:
+        validate.tensor("out", out, shape=(num_slots, N), dtypes=(a.dtype,), device=a.device)
+    grid = (expert_ids.numel() * triton.cdiv(N, config.BLOCK_N),)
+    grouped_gemm_kernel[grid](
+        a, w, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
+        N, K, num_slots, a_rows_per_token,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        **config.meta())
+    return out
+
+
+def grouped_gemm_reference(a, w, topk_ids, a_rows_per_token):
+    """float64 [num_slots, N]: row slot = a[slot // a_rows_per_token] @ w[topk_ids.flatten()[slot]].T."""
+    experts = topk_ids.reshape(-1).long()
+    rows = torch.arange(experts.numel(), device=a.device) // a_rows_per_token
+    out = torch.zeros(experts.numel(), w.shape[1], dtype=torch.float64, device=a.device)
+    for e in torch.unique(experts).tolist():
+        sel = (experts == e).nonzero().flatten()
+        out[sel] = a[rows[sel]].double() @ w[e].double().T
+    return out
+
+
+def compile_specs() -> list:
+    """Every config of every table (CPU, GPU default, committed vendor tables), in bf16 and fp16."""
+    tables = [("cpu", CPU_TABLE), ("default", DEFAULT_GPU_TABLE)]
+    tables += [(p.stem.split(".")[-1], load_table(p)) for p in sorted(TABLES.glob("grouped_gemm.*.json"))]
+    seen, specs = set(), []
+    for tname, table in tables:
+        for _, cfg in table:
+            for dt in ("bf16", "fp16"):
+                key = (dataclasses.astuple(cfg)[:6], tuple(sorted(cfg.extra.items())), dt)
+                if key in seen:
+                    continue
+                seen.add(key)
+                sig = {"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "sorted_token_ids_ptr": "*i32",
+                       "expert_ids_ptr": "*i32", "num_tokens_post_padded_ptr": "*i32"}
+                sig.update({n: "i32" for n in ("N", "K", "num_slots", "a_rows_per_token", "stride_am", "stride_ak",
+                                               "stride_we", "stride_wn", "stride_wk", "stride_om", "stride_on")})
+                const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
+                sig.update({k: "constexpr" for k in const})
+                name = (f"grouped_gemm[{tname}: BLOCK_M={cfg.BLOCK_M},BLOCK_N={cfg.BLOCK_N},BLOCK_K={cfg.BLOCK_K},"
+                        f"GROUP_M={cfg.GROUP_M},warps={cfg.num_warps},stages={cfg.num_stages}] {dt}")
+                specs.append(CompileSpec(name, grouped_gemm_kernel, sig, const, cfg.num_warps, cfg.num_stages,
+                                         dict(cfg.extra)))
+    return specs

@@ -1,0 +1,260 @@
+"""Routers (chapter 2): from router logits [M, E] to (topk_weights float32 [M, k], topk_ids int32 [M, k]).
+
+- Mixtral and Qwen3-MoE: softmax over the experts, the k largest, optionally renormalised to sum to 1
+  (:func:`topk_softmax`; Mixtral always renormalises, Qwen3 does when ``norm_topk_prob`` is set).
+- DeepSeek-V3: sigmoid scores; a per-expert correction bias is added for *choosing* only; the experts form
+  ``n_group`` groups, a group's score is the sum of its two best biased scores, the ``topk_group`` best groups
+  survive, the top-k experts are chosen inside them; the weights are the unbiased sigmoid scores of the chosen
+  experts, renormalised and multiplied by ``routed_scaling_factor`` (:func:`deepseek_v3_route`). The shared
+  expert is not routed: every token uses it with weight 1 (:func:`append_shared_expert` appends it as one
+  more slot, so the grouped GEMM can run it with the routed experts).
+
+Tie breaking, everywhere: among equal scores the LOWER expert (or group) index wins, and the k slots come in
+decreasing score order. The float64 references below sort stably, so they break ties the same way.
+Softmax is monotonic, so :func:`topk_softmax` chooses on the raw logits (exactly the values the reference
+sees) and exponentiates afterwards: its choice matches the reference exactly, ties included.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import validate
+from ..crosscompile import CompileSpec
+
+
+# --------------------------------------------------------------------------------------------------
+# float64 references
+
+
+def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim; equal scores: lower index first."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def topk_softmax_reference(logits: torch.Tensor, top_k: int, renormalize: bool = True):
+    """Mixtral / Qwen3 routing in float64: softmax, top-k (ties to the lower index), optional renormalise."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    ids = _stable_topk(probs, top_k)
+    weights = probs.gather(-1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def deepseek_v3_route_reference(logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, n_group: int,
+                                topk_group: int, routed_scaling_factor: float):
+    """DeepSeek-V3 routing in float64 (the noaux_tc router): see the module docstring."""
+    M, E = logits.shape
+    scores = torch.sigmoid(logits.double())
+    choice = scores + correction_bias.double().to(scores.device)[None, :]
+    group_scores = choice.view(M, n_group, E // n_group).topk(2, dim=-1).values.sum(dim=-1)   # [M, n_group]
+    groups = _stable_topk(group_scores, topk_group)
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+    expert_mask = group_mask.repeat_interleave(E // n_group, dim=1)
+    ids = _stable_topk(choice.masked_fill(~expert_mask, float("-inf")), top_k)
+    weights = scores.gather(1, ids)
+    weights = weights / weights.sum(dim=-1, keepdim=True) * routed_scaling_factor
+    return weights, ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, M, E, stride_lm,
+                        TOP_K: tl.constexpr, K_P2: tl.constexpr, RENORMALIZE: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """BLOCK_T tokens per program, all E experts of a token in one tile."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, K_P2)
+    rmask = rows < M
+    x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :],
+                mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
+    x = tl.where(rmask[:, None], x, 0.0)   # rows past M: finite values (their results are never stored)
+    ### BEGIN SOLUTION
+    # HINT: softmax is monotonic: choose on the logits. k times: the row max, its LOWEST column among ties
+    # HINT: (tl.min over tl.where(x == best, cols, BLOCK_E)), record it, then set that column to -inf.
+    # HINT: weight = exp(logit - row max) / (sum over all experts, or over the k chosen when RENORMALIZE)
+    x_max = tl.max(x, axis=1)
+    denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
+    chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
+    chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(x, axis=1)
+        idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        chosen_ids = tl.where(slots[None, :] == j, idx[:, None], chosen_ids)
+        chosen_w = tl.where(slots[None, :] == j, tl.exp(best - x_max)[:, None], chosen_w)
+        x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
+    if RENORMALIZE:
+        denom = tl.sum(chosen_w, axis=1)
+    weights = chosen_w / denom[:, None]
+    ### END SOLUTION
+    # STUB: chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
+    # STUB: weights = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+    out = rows[:, None] * TOP_K + slots[None, :]
+    omask = rmask[:, None] & (slots[None, :] < TOP_K)
+    tl.store(ids_ptr + out, chosen_ids, mask=omask)
+    tl.store(weights_ptr + out, weights, mask=omask)
+
+
+@triton.jit
+def deepseek_v3_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, M, E, stride_lm, scale,
+                             TOP_K: tl.constexpr, K_P2: tl.constexpr, N_GROUP: tl.constexpr,
+                             G_P2: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Sigmoid scores, biased choice, group-limited top-k; BLOCK_T tokens per program."""
+    NEG: tl.constexpr = float("-inf")
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, K_P2)
+    gcols = tl.arange(0, G_P2)
+    rmask = rows < M
+    cmask = cols < E
+    x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :],
+                mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    scores = tl.sigmoid(x)                                      # the weights come from these
+    bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    choice = tl.where(cmask[None, :], scores + bias[None, :], NEG)   # the choice uses these
+    group = cols // (E // N_GROUP)
+    ### BEGIN SOLUTION
+    # HINT: for each group g (tl.static_range(N_GROUP)): its two best biased scores (best, then best with that
+    # HINT: column removed) summed; then keep the TOPK_GROUP best groups (ties: lower group) and set the
+    # HINT: choice of every expert outside them to -inf.
+    group_score = tl.full([BLOCK_T, G_P2], NEG, dtype=tl.float32)
+    for g in tl.static_range(N_GROUP):
+        v = tl.where(group[None, :] == g, choice, NEG)
+        top1 = tl.max(v, axis=1)
+        i1 = tl.min(tl.where(v == top1[:, None], cols[None, :], BLOCK_E), axis=1)
+        top2 = tl.max(tl.where(cols[None, :] == i1[:, None], NEG, v), axis=1)
+        group_score = tl.where(gcols[None, :] == g, (top1 + top2)[:, None], group_score)
+    keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
+    for j in tl.static_range(TOPK_GROUP):
+        best = tl.max(group_score, axis=1)
+        gi = tl.min(tl.where(group_score == best[:, None], gcols[None, :], G_P2), axis=1)
+        keep = keep | (group[None, :] == gi[:, None])
+        group_score = tl.where(gcols[None, :] == gi[:, None], NEG, group_score)
+    choice = tl.where(keep, choice, NEG)
+    ### END SOLUTION
+    chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
+    chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(choice, axis=1)
+        idx = tl.min(tl.where(choice == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        w = tl.sum(tl.where(cols[None, :] == idx[:, None], scores, 0.0), axis=1)   # unbiased score
+        chosen_ids = tl.where(slots[None, :] == j, idx[:, None], chosen_ids)
+        chosen_w = tl.where(slots[None, :] == j, w[:, None], chosen_w)
+        choice = tl.where(cols[None, :] == idx[:, None], NEG, choice)
+    weights = chosen_w / tl.sum(chosen_w, axis=1)[:, None] * scale
+    out = rows[:, None] * TOP_K + slots[None, :]
+    omask = rmask[:, None] & (slots[None, :] < TOP_K)
+    tl.store(ids_ptr + out, chosen_ids, mask=omask)
+    tl.store(weights_ptr + out, weights, mask=omask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host wrappers
+
+
+def _pow2(n: int) -> int:
+    return max(2, triton.next_power_of_2(int(n)))
+
+
+def _tokens_per_program(E: int) -> int:
+    """Tokens per program: a [BLOCK_T, BLOCK_E] tile of about 4096 scores."""
+    return max(1, min(64, 4096 // _pow2(E)))
+
+
+def _check_logits(logits) -> None:
+    validate.tensor("logits", logits, ndim=2, dtypes=validate.FLOAT_DTYPES + (torch.float64,), nonempty=True)
+    if logits.stride(1) != 1:
+        raise ValueError("logits must have unit stride along the experts (call .contiguous() on it first)")
+
+
+def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool = True):
+    """Fused softmax + top-k (Mixtral; Qwen3-MoE with ``renormalize=norm_topk_prob``).
+
+    Returns (weights float32 [M, top_k], ids int32 [M, top_k]), slots in decreasing weight order, ties to the
+    lower expert index."""
+    _check_logits(logits)
+    M, E = logits.shape
+    validate.top_k(top_k, E)
+    weights = torch.empty(M, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(M, top_k, dtype=torch.int32, device=logits.device)
+    block_t = _tokens_per_program(E)
+    topk_softmax_kernel[(triton.cdiv(M, block_t),)](
+        logits, weights, ids, M, E, logits.stride(0),
+        TOP_K=top_k, K_P2=_pow2(top_k), RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=_pow2(E))
+    return weights, ids
+
+
+def deepseek_v3_route(logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, n_group: int,
+                      topk_group: int, routed_scaling_factor: float):
+    """DeepSeek-V3 routing (sigmoid, bias for choice only, group-limited top-k, renormalise, scale).
+
+    DeepSeek-V3 itself: E=256, top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5."""
+    _check_logits(logits)
+    M, E = logits.shape
+    validate.top_k(top_k, E)
+    validate.tensor("correction_bias", correction_bias, shape=(E,), dtypes=validate.FLOAT_DTYPES + (torch.float64,),
+                    device=logits.device)
+    for name, v in (("n_group", n_group), ("topk_group", topk_group)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if E % n_group or E // n_group < 2:
+        raise ValueError(f"n_group must divide the {E} experts into groups of at least 2, got n_group={n_group}")
+    if topk_group > n_group:
+        raise ValueError(f"topk_group must be at most n_group ({n_group}), got {topk_group}")
+    if topk_group * (E // n_group) < top_k:
+        raise ValueError(f"top_k={top_k} experts cannot be chosen from {topk_group} groups of {E // n_group}")
+    weights = torch.empty(M, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(M, top_k, dtype=torch.int32, device=logits.device)
+    block_t = _tokens_per_program(E)
+    deepseek_v3_route_kernel[(triton.cdiv(M, block_t),)](
+        logits, correction_bias, weights, ids, M, E, logits.stride(0), float(routed_scaling_factor),
+        TOP_K=top_k, K_P2=_pow2(top_k), N_GROUP=n_group, G_P2=_pow2(n_group), TOPK_GROUP=topk_group,
+        BLOCK_T=block_t, BLOCK_E=_pow2(E))
+    return weights, ids
+
+
+def append_shared_expert(weights: torch.Tensor, ids: torch.Tensor, shared_id: int):
+    """Add the shared expert (DeepSeek-V3: every token, weight 1) as one more slot [M, k + 1], so one grouped
+    GEMM over E + 1 stacked experts runs it with the routed ones. Keeps dtypes and device."""
+    validate.tensor("weights", weights, ndim=2)
+    validate.tensor("ids", ids, shape=tuple(weights.shape), dtypes=validate.INDEX_DTYPES)
+    M = weights.shape[0]
+    w = torch.ones(M, 1, dtype=weights.dtype, device=weights.device)
+    i = torch.full((M, 1), shared_id, dtype=ids.dtype, device=ids.device)
+    return torch.cat([weights, w], dim=1), torch.cat([ids, i], dim=1)
+
+
+def compile_specs() -> list:
+    """Both routers for every model of :data:`triton_moe.shapes.MODELS` and its CPU copy, bf16 and fp16
+    logits (Mixtral/Qwen3: topk_softmax with and without renormalisation; DeepSeek-V3: its grouped router
+    with n_group=8, topk_group=4 at full size, 4 and 2 for the CPU copy)."""
+    from ..shapes import CPU_SHAPES, MODELS
+
+    specs = []
+    for key, shape in list(MODELS.items()) + [(k + " (cpu)", s) for k, s in CPU_SHAPES.items()]:
+        E, k = shape.experts, shape.top_k
+        base = {"TOP_K": k, "K_P2": _pow2(k), "BLOCK_T": _tokens_per_program(E), "BLOCK_E": _pow2(E)}
+        for dt in ("bf16", "fp16"):
+            if shape.router == "deepseek_v3":
+                n_group, topk_group = (8, 4) if E >= 64 else (4, 2)
+                const = {**base, "N_GROUP": n_group, "G_P2": _pow2(n_group), "TOPK_GROUP": topk_group}
+                sig = {"logits_ptr": f"*{dt}", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32",
+                       "M": "i32", "E": "i32", "stride_lm": "i32", "scale": "fp32", **{c: "constexpr" for c in const}}
+                specs.append(CompileSpec(f"deepseek_v3_route[{key}] {dt}", deepseek_v3_route_kernel, sig, const))
+                continue
+            for renorm in (True, False):
+                const = {**base, "RENORMALIZE": renorm}
+                sig = {"logits_ptr": f"*{dt}", "weights_ptr": "*fp32", "ids_ptr": "*i32", "M": "i32", "E": "i32",
+                       "stride_lm": "i32", **{c: "constexpr" for c in const}}
+                specs.append(CompileSpec(f"topk_softmax[{key}, renormalize={renorm}] {dt}", topk_softmax_kernel,
+                                         sig, const))
+    return specs
