@@ -53,12 +53,12 @@ def roofline(shapes: list[MoEShape], bytes_per_s: float, flops_per_s: float, lab
     ax.plot(xs, np.minimum(flops_per_s, xs * bytes_per_s) / 1e12, "k-", lw=2, label=f"roofline: {label}")
     ax.axvline(ridge, color="gray", ls=":", lw=1)
     ax.text(ridge * 1.1, flops_per_s / 1e12 * 0.05, f"ridge {ridge:.0f} FLOP/B", fontsize=8, color="gray")
-    for s in shapes:
+    for n, s in enumerate(shapes):
         inten = [s.flops(m) / (s.weight_bytes(m) + s.activation_bytes(m)) for m in tokens]
         attain = [min(flops_per_s, i * bytes_per_s) / 1e12 for i in inten]
         ax.plot(inten, attain, "o-", ms=3, label=s.name)
         for m, i, a in zip(tokens, inten, attain):
-            if m in (1, 16, 256, 4096):
+            if n == 0 and m in (1, 16, 256, 4096):
                 ax.annotate(f"M={m}", (i, a), fontsize=7, xytext=(3, -10), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
