@@ -1,0 +1,288 @@
+"""Chapters 4 and 5 timings: the whole MoE layer (fused_moe against three baselines) and the gate+up stage.
+
+GPU only. Run from the repository root:
+
+    PYTHONPATH=. python benchmarks/ch05_fused_moe.py [--models mixtral,qwen3,deepseek_v3] [--M 1,16,256]
+                                                     [--routings uniform,skewed] [--quick] [--no-stage]
+
+Writes ``results/<device>/ch05_fused_moe.csv`` (the layer) and ``results/<device>/ch04_fused_gate_up.csv``
+(the gate+up stage alone), and copies both under ``$OUT`` when that variable is set.
+
+Layer implementations (each from the router logits to the [M, hidden] output, routing included):
+
+- ``ch01 loop``: chapter 1's per-expert PyTorch loop (``torch.nonzero`` synchronises with the host, so it
+  cannot be captured in a CUDA graph: timed with ``do_bench``, the ``method`` column says so);
+- ``torch._grouped_mm``: torch routing, ``argsort`` permutation, one grouped GEMM on a concatenated
+  ``[E, 2*ffn, hidden]`` w13 (concatenated once, outside the timing: its best case), ``silu * mul``, a
+  grouped GEMM on w2, weighting and ``index_add_``;
+- ``ch03 unfused``: chapter 2's router and dispatch, chapter 3's ``grouped_gemm`` for gate, up and down, a
+  torch ``silu * mul`` and a torch weighted sum over the top-k rows;
+- ``fused_moe``: this package's forward (atomic combine); ``fused_moe deterministic``: the same with
+  ``deterministic=True``.
+
+Every time is the median of CUDA-graph replays (``timing.bench_ms``) of a call that runs ``--rotate`` (4)
+forwards on different inputs (different tokens, so different experts: no input set sits in L2 across
+replays), divided by that number. The floor (weight bytes / copy bandwidth, FLOPs / bf16 matmul rate) is
+measured in the same run. The DeepSeek-V3 routed shape is routed with softmax top-8 here, like the others:
+the shape is what is measured; its grouped sigmoid router is chapter 2's business.
+
+Gate+up stage (``ch04_fused_gate_up.csv``): fused_gate_up against chapter 3's grouped GEMM run for W1 and for
+W3 plus a torch ``silu * mul`` (and a concatenated-w13 grouped GEMM + ``silu * mul``), on a precomputed
+dispatch. Its floor counts the stage's own bytes (W1 and W3 of the active experts, x, the intermediate).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from triton_moe import mode  # noqa: E402
+from triton_moe.kernels.fused_gate_up import fused_gate_up, pick_config  # noqa: E402
+from triton_moe.kernels.fused_moe import dispatch, fused_moe, route  # noqa: E402
+from triton_moe.reference import _routing_bias, make_problem  # noqa: E402
+from triton_moe.shapes import BATCH_SIZES, MODELS, MoEShape  # noqa: E402
+from triton_moe.timing import bench_ms, make_row, measure_ceilings, results_path, run_metadata, write_rows  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class GateUpStage(MoEShape):
+    """The gate+up stage alone, for its own floor: W1 and W3 of the active experts, x read once, the
+    [M * top_k, ffn] intermediate written once; two of the three projections' FLOPs."""
+
+    def weight_bytes_per_expert(self, bytes_per_elem: int = 2) -> int:
+        return 2 * self.hidden * self.ffn * bytes_per_elem
+
+    def activation_bytes(self, tokens: int, bytes_per_elem: int = 2) -> float:
+        return tokens * self.hidden * bytes_per_elem + tokens * self.top_k * self.ffn * bytes_per_elem
+
+    def flops(self, tokens: int) -> float:
+        return 2.0 * tokens * self.top_k * 2 * self.hidden * self.ffn
+
+
+def stage_of(shape: MoEShape) -> GateUpStage:
+    return GateUpStage(f"{shape.name} gate+up", shape.hidden, shape.ffn, shape.experts, shape.top_k, shape.router)
+
+
+# --------------------------------------------------------------------------------------------------
+# Baselines
+
+
+def loop_forward(x, logits, w1, w3, w2, top_k):
+    from ch01_naive_loop import moe_forward_loop
+
+    probs = torch.softmax(logits.float(), dim=-1)
+    tw, ti = torch.topk(probs, top_k, dim=-1)
+    tw = tw / tw.sum(dim=-1, keepdim=True)
+    return moe_forward_loop(x, tw, ti, w1, w3, w2)
+
+
+def grouped_mm_forward(x, logits, w13t, w2t, top_k):
+    """torch routing + permutation + torch._grouped_mm (w13t: [E, hidden, 2*ffn], w2t: [E, ffn, hidden])."""
+    M, H = x.shape
+    E, _, F2 = w13t.shape
+    probs = torch.softmax(logits.float(), dim=-1)
+    tw, ti = torch.topk(probs, top_k, dim=-1)
+    tw = tw / tw.sum(dim=-1, keepdim=True)
+    flat = ti.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // top_k
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    xs = x[token]
+    gu = torch._grouped_mm(xs, w13t, offs=offs)
+    h = F.silu(gu[:, : F2 // 2]) * gu[:, F2 // 2:]
+    y = torch._grouped_mm(h, w2t, offs=offs)
+    y = y.float() * tw.reshape(-1)[order, None]
+    out = torch.zeros(M, H, dtype=torch.float32, device=x.device).index_add_(0, token, y)
+    return out.to(x.dtype)
+
+
+def unfused_forward(x, logits, w1, w3, w2, top_k):
+    """Chapters 2 + 3: router, dispatch, grouped_gemm for gate, up, down; torch activation and combine."""
+    from triton_moe.kernels.grouped_gemm import grouped_gemm
+    from triton_moe.kernels.grouped_gemm import pick_config as gg_pick
+
+    M, H = x.shape
+    E = w1.shape[0]
+    tw, ti = route(logits, top_k)
+    cfg = gg_pick(M * top_k)
+    st, ei, npp = dispatch(ti, E, cfg.BLOCK_M)
+    g = grouped_gemm(x, w1, st, ei, npp, top_k, cfg)
+    u = grouped_gemm(x, w3, st, ei, npp, top_k, cfg)
+    h = F.silu(g) * u
+    y = grouped_gemm(h, w2, st, ei, npp, 1, cfg)
+    return (y.view(M, top_k, H).float() * tw[..., None]).sum(1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def make_inputs(shape: MoEShape, M: int, router: torch.Tensor, routing: str, seeds, dtype):
+    """(x, router logits) pairs drawn as ``reference.make_problem`` draws them, without new expert weights;
+    one routing bias (the same hot experts) for all the sets of one point."""
+    bias = _routing_bias(routing, shape.experts, torch.Generator().manual_seed(seeds[0])).to("cuda")
+    out = []
+    for s in seeds:
+        g = torch.Generator(device="cuda").manual_seed(s)
+        x = torch.randn(M, shape.hidden, generator=g, device="cuda").to(dtype)
+        logits = (x.double() @ router.double().T + bias).float()
+        out.append((x, logits))
+    return out
+
+
+def timed(fn, n: int, graph: bool = True):
+    # rep=20: do_bench_cudagraph captures rep/t calls in one graph and replays it 10 times (median)
+    ms, method = bench_ms(fn, graph=graph, rep=20)
+    return ms / n, method
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mixtral,qwen3,deepseek_v3")
+    ap.add_argument("--M", default=",".join(map(str, BATCH_SIZES)))
+    ap.add_argument("--routings", default="uniform,skewed")
+    ap.add_argument("--impls", default="loop,grouped_mm,unfused,fused,fused_det")
+    ap.add_argument("--rotate", type=int, default=4, help="input sets per timed call (different experts)")
+    ap.add_argument("--loop-max-M", type=int, default=1 << 30, help="skip the chapter-1 loop above this M")
+    ap.add_argument("--no-stage", action="store_true", help="skip the gate+up stage timings (chapter 4)")
+    ap.add_argument("--quick", action="store_true", help="M in 1, 16, 256, 4096; uniform routing only")
+    a = ap.parse_args(argv)
+    mode.require_gpu("This benchmark")
+    Ms = [1, 16, 256, 4096] if a.quick else [int(m) for m in a.M.split(",")]
+    routings = ["uniform"] if a.quick else a.routings.split(",")
+    impls = a.impls.split(",")
+    meta = run_metadata()
+    ceilings = measure_ceilings()
+    print(f"{meta['device']}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s",
+          flush=True)
+    dtype = torch.bfloat16
+    rows, stage_rows = [], []
+    R = a.rotate
+    t_start = time.time()
+    for key in a.models.split(","):
+        shape = MODELS[key]
+        k, E = shape.top_k, shape.experts
+        base = make_problem(shape, 1, dtype, "cuda", seed=1234)
+        w1, w3, w2 = base.w1, base.w3, base.w2
+        w13t = w2t = None
+        if "grouped_mm" in impls:
+            w13t = torch.cat([w1, w3], dim=1).transpose(1, 2)     # [E, hidden, 2*ffn] view of [E, 2*ffn, hidden]
+            w2t = w2.transpose(1, 2)                               # [E, ffn, hidden]
+        for routing in routings:
+            for M in Ms:
+                inputs = make_inputs(shape, M, base.router_weight, routing, [1000 * M + i for i in range(R)], dtype)
+                fns = {
+                    "ch01 loop": ("loop", lambda: [loop_forward(x, lg, w1, w3, w2, k) for x, lg in inputs[:1]], 1, False),
+                    "torch._grouped_mm": ("grouped_mm", lambda: [grouped_mm_forward(x, lg, w13t, w2t, k) for x, lg in inputs], R, True),
+                    "ch03 unfused": ("unfused", lambda: [unfused_forward(x, lg, w1, w3, w2, k) for x, lg in inputs], R, True),
+                    "fused_moe": ("fused", lambda: [fused_moe(x, lg, w1, w3, w2, k) for x, lg in inputs], R, True),
+                    "fused_moe deterministic": ("fused_det", lambda: [fused_moe(x, lg, w1, w3, w2, k, deterministic=True)
+                                                                      for x, lg in inputs], R, True),
+                }
+                line = []
+                for name, (tag, fn, n, graph) in fns.items():
+                    if tag not in impls or (tag == "loop" and M > a.loop_max_M):
+                        continue
+                    if tag == "fused_det" and routing != "uniform":
+                        continue
+                    try:
+                        ms, method = timed(fn, n, graph)
+                    except Exception as exc:  # noqa: BLE001  (record and go on: one broken baseline must not end the run)
+                        print(f"  {key} {routing} M={M} {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                        continue
+                    if n > 1:
+                        method += f", {n} input sets per call"
+                    row = make_row(meta, ceilings, shape, M, name, ms, method, dtype, routing)
+                    rows.append(row)
+                    line.append(f"{name} {ms:.4f} ({row['floor_fraction']:.2f})")
+                print(f"{shape.name:22s} {routing:7s} M={M:5d} floor {rows[-1]['floor_ms']:.4f} ms | " + " | ".join(line),
+                      flush=True)
+                if not a.no_stage and routing == "uniform":
+                    stage_rows += stage_point(meta, ceilings, shape, M, inputs, w1, w3, dtype, R)
+                del inputs
+                torch.cuda.empty_cache()
+        del base, w1, w3, w2, w13t, w2t
+        torch.cuda.empty_cache()
+    out = write_rows(rows, results_path("ch05_fused_moe"))
+    paths = [out]
+    if stage_rows:
+        paths.append(write_rows(stage_rows, results_path("ch04_fused_gate_up")))
+    if os.environ.get("OUT"):
+        for p in paths:
+            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
+    print(f"wrote {', '.join(map(str, paths))} in {time.time() - t_start:.0f} s")
+    summary(rows)
+    return 0
+
+
+def stage_point(meta, ceilings, shape, M, inputs, w1, w3, dtype, R):
+    """fused_gate_up against two grouped GEMMs + torch silu*mul, on precomputed dispatches."""
+    from triton_moe.kernels.grouped_gemm import grouped_gemm
+    from triton_moe.kernels.grouped_gemm import pick_config as gg_pick
+
+    k, E, H, Fd = shape.top_k, shape.experts, shape.hidden, shape.ffn
+    st = stage_of(shape)
+    cfg = pick_config("fused_gate_up", M, H, Fd, E, k)
+    gcfg = gg_pick(M * k)
+    prepared = []
+    for x, lg in inputs:
+        _, ti = route(lg, k)
+        prepared.append((x, dispatch(ti, E, cfg.BLOCK_M), dispatch(ti, E, gcfg.BLOCK_M)))
+    w13 = torch.cat([w1, w3], dim=1)
+
+    def fused():
+        return [fused_gate_up(x, w1, w3, *d, k, cfg) for x, d, _ in prepared]
+
+    def unfused():
+        return [F.silu(grouped_gemm(x, w1, *g, k, gcfg)) * grouped_gemm(x, w3, *g, k, gcfg) for x, _, g in prepared]
+
+    def unfused_w13():
+        out = []
+        for x, _, g in prepared:
+            y = grouped_gemm(x, w13, *g, k, gcfg)
+            out.append(F.silu(y[:, :Fd]) * y[:, Fd:])
+        return out
+
+    rows = []
+    for name, fn in (("fused_gate_up", fused), ("ch03 grouped_gemm x2 + silu*mul", unfused),
+                     ("ch03 grouped_gemm on w13 + silu*mul", unfused_w13)):
+        try:
+            ms, method = timed(fn, R)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  stage {shape.name} M={M} {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        rows.append(make_row(meta, ceilings, st, M, name, ms, method + f", {R} input sets per call", dtype, "uniform"))
+    del w13
+    print("    gate+up stage: " + " | ".join(f"{r['impl']} {r['median_ms']:.4f} ({r['floor_fraction']:.2f})"
+                                            for r in rows), flush=True)
+    return rows
+
+
+def summary(rows):
+    """A short table: fused_moe's fraction of the floor and its speed-up over torch._grouped_mm."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["model"], r["routing"], r["M"]), {})[r["impl"]] = r
+    print("\nmodel                  routing  M      floor_ms  fused_ms  floor/fused  grouped_mm/fused")
+    for (model, routing, M), d in by.items():
+        f, g = d.get("fused_moe"), d.get("torch._grouped_mm")
+        if not f:
+            continue
+        speed = f"{g['median_ms'] / f['median_ms']:.2f}x" if g else "-"
+        print(f"{model:22s} {routing:8s} {M:<6d} {f['floor_ms']:8.4f}  {f['median_ms']:8.4f}  {f['floor_fraction']:11.2f}  {speed:>8s}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

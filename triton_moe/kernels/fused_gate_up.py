@@ -1,0 +1,296 @@
+"""Chapter 4: the fused gate+up SwiGLU kernel of a Mixture-of-Experts layer.
+
+For every (token, chosen expert) slot, in the expert-sorted order of the dispatch (chapter 2), one kernel
+computes ``silu(x @ W1[e].T) * (x @ W3[e].T)`` and writes only that intermediate ``[slots, ffn]``.
+
+Why two fp32 accumulators, not an interleaved ``w13`` layout: both read the same bytes and do the same
+FLOPs (an interleaved [E, 2*ffn, hidden] tile of 2*BLOCK_N columns *is* a gate tile next to an up tile),
+but two accumulators keep the weights in the layout models ship (W1 and W3 as separate [ffn, hidden]
+matrices, as Hugging Face stores them), so nothing is repacked or copied at load time, and gate and up
+columns pair up trivially in registers (column n of one accumulator with column n of the other) instead of
+through a split/reshape of an interleaved tile. The x tile is loaded once per K step and feeds both dots.
+
+Grid: one program per (dispatch block of BLOCK_M slots, BLOCK_N columns of ffn), over the dispatch's
+*static* worst-case number of blocks; programs past ``num_tokens_post_padded`` return at once, so inactive
+experts cost nothing and no host synchronisation is needed (a CUDA graph can hold the launch).
+
+Launch configs come from tables keyed by M (:mod:`triton_moe.configs`): a CPU table here (large tiles for
+the interpreter), and an NVIDIA table written by ``scripts/tune_fused_moe.py``
+(``triton_moe/tables/fused_gate_up.nvidia.json``), with per-model-shape rows where they were tuned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import validate
+from ..configs import KernelConfig, pick
+from ..crosscompile import CompileSpec
+from ..mode import ON_GPU, check_interpreter_dtype
+
+TABLES = Path(__file__).resolve().parent.parent / "tables"
+INF = 1 << 30
+
+# --------------------------------------------------------------------------------------------------
+# Config tables
+
+# The interpreter costs about 7 ms per (program x K-iteration) whatever the tile: big tiles, few programs.
+CPU_TABLES = {
+    "fused_gate_up": [
+        (8, KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)),
+        (INF, KernelConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)),
+    ],
+    "down_combine": [
+        (8, KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=1,
+                         extra={"SPLIT_K": 1})),
+        (INF, KernelConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=1,
+                           extra={"SPLIT_K": 1})),
+    ],
+}
+
+# A portable GPU fallback (AMD, or an NVIDIA shape the tuning run never saw): small BLOCK_M for decode,
+# growing with M. The tuned NVIDIA tables replace it where they exist.
+GPU_FALLBACK = {
+    "fused_gate_up": [
+        (16, KernelConfig(16, 64, 128, 1, 4, 4)),
+        (64, KernelConfig(32, 64, 128, 1, 4, 4)),
+        (512, KernelConfig(64, 64, 64, 8, 4, 4)),
+        (INF, KernelConfig(128, 64, 64, 8, 8, 3)),
+    ],
+    "down_combine": [
+        (16, KernelConfig(16, 64, 128, 1, 4, 4, extra={"SPLIT_K": 2})),
+        (64, KernelConfig(32, 64, 128, 1, 4, 4, extra={"SPLIT_K": 1})),
+        (512, KernelConfig(64, 64, 64, 8, 4, 4, extra={"SPLIT_K": 1})),
+        (INF, KernelConfig(128, 128, 64, 8, 8, 3, extra={"SPLIT_K": 1})),
+    ],
+}
+
+
+def shape_key(hidden: int, ffn: int, experts: int, top_k: int) -> str:
+    """How a tuned table names the model shape it was tuned for."""
+    return f"hidden={hidden},ffn={ffn},experts={experts},top_k={top_k}"
+
+
+@functools.lru_cache(maxsize=None)
+def vendor() -> str:
+    if not ON_GPU:
+        return "cpu"
+    return "amd" if getattr(torch.version, "hip", None) else "nvidia"
+
+
+def _rows_to_table(rows) -> list:
+    out = []
+    for row in rows:
+        row = dict(row)
+        m = row.pop("max_M")
+        out.append((m, KernelConfig(**row)))
+    return sorted(out, key=lambda r: r[0])
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_tables(kernel: str, vendor_name: str) -> dict:
+    """{shape key or "default": table} from ``tables/<kernel>.<vendor>.json``; empty if never tuned.
+
+    The file is :func:`triton_moe.configs.save_table`'s format (``table`` = the default rows, which
+    :func:`triton_moe.configs.load_table` reads) plus ``shapes``: rows tuned for each model shape."""
+    path = TABLES / f"{kernel}.{vendor_name}.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    tables = {"default": _rows_to_table(data["table"])}
+    for key, rows in data.get("shapes", {}).items():
+        tables[key] = _rows_to_table(rows)
+    return tables
+
+
+def table_for(kernel: str, hidden: int, ffn: int, experts: int, top_k: int) -> list:
+    v = vendor()
+    if v == "cpu":
+        return CPU_TABLES[kernel]
+    tuned = tuned_tables(kernel, v)
+    return tuned.get(shape_key(hidden, ffn, experts, top_k)) or tuned.get("default") or GPU_FALLBACK[kernel]
+
+
+def pick_config(kernel: str, M: int, hidden: int, ffn: int, experts: int, top_k: int) -> KernelConfig:
+    """The launch config for ``kernel`` ("fused_gate_up" or "down_combine") at M tokens of this shape."""
+    return pick(table_for(kernel, hidden, ffn, experts, top_k), M)
+
+
+def dispatch_block_m(M: int, hidden: int, ffn: int, experts: int, top_k: int) -> int:
+    """BLOCK_M of the dispatch for a forward at M tokens: the fused gate+up table decides, and the down
+    projection reuses the same sorted blocks."""
+    return pick_config("fused_gate_up", M, hidden, ffn, experts, top_k).BLOCK_M
+
+
+def with_block_m(cfg: KernelConfig, block_m: int) -> KernelConfig:
+    return cfg if cfg.BLOCK_M == block_m else dataclasses.replace(cfg, BLOCK_M=block_m)
+
+
+def blocks_bound(num_slots: int, experts: int, block_m: int, max_blocks: int) -> int:
+    """How many dispatch blocks can hold slots, from host ints only (no synchronisation): at most
+    min(E, num_slots) experts are active and each wastes fewer than block_m padding slots, so
+    ceil((num_slots + min(E, num_slots) * (block_m - 1)) / block_m) blocks. The dispatch arrays are sized for
+    all E experts (``reference.dispatch_sizes``); launching only this many row blocks drops programs that
+    could never find work (at M = 1 with 256 experts: 8 blocks instead of 241)."""
+    return min(max_blocks, -(-(num_slots + min(experts, num_slots) * (block_m - 1)) // block_m))
+
+
+def check_dispatch(sorted_token_ids, expert_ids, num_tokens_post_padded, device) -> int:
+    """Validate the dispatch tensors (chapter 2's contract) and return their block size."""
+    validate.tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtypes=(torch.int32,), device=device)
+    validate.tensor("expert_ids", expert_ids, ndim=1, dtypes=(torch.int32,), device=device, nonempty=True)
+    validate.tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtypes=(torch.int32,),
+                    device=device)
+    if sorted_token_ids.numel() % expert_ids.numel():
+        raise ValueError(f"sorted_token_ids has {sorted_token_ids.numel()} entries, not a multiple of the "
+                         f"{expert_ids.numel()} blocks of expert_ids")
+    return sorted_token_ids.numel() // expert_ids.numel()
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel
+
+
+@triton.jit(do_not_specialize=["num_slots", "top_k"])
+def fused_gate_up_kernel(
+    x_ptr, w1_ptr, w3_ptr, out_ptr,
+    sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+    N, K, EM, num_slots, top_k,
+    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[slot, n] = silu(x[slot // top_k] . w1[e, n]) * (x[slot // top_k] . w3[e, n]) for the slots of
+    each dispatch block (expert e); N = ffn, K = hidden. top_k and num_slots (= M * top_k) are run-time
+    ints (not specialised), so one compiled kernel serves every M and every model's top_k."""
+    pid = tl.program_id(0)
+    num_pid_m = EM // BLOCK_M
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Programs of GROUP_M consecutive row blocks share a column block, so its weight tile is read from
+    # memory once and from L2 by the others.
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    # Skip the blocks past the end of the dispatch: inactive experts launch nothing that works.
+    num_post = tl.load(num_tokens_post_padded_ptr)
+    if pid_m * BLOCK_M >= num_post:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_token_ids_ptr + offs_m)
+    row_mask = slot < num_slots                       # padding slots hold the sentinel num_slots
+    token = tl.where(row_mask, slot // top_k, 0)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n_safe = offs_n % N                          # loads stay in bounds; the store is masked
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_offs = expert * stride_we + offs_n_safe[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w1_ptrs = w1_ptr + w_offs                         # [BLOCK_K, BLOCK_N] tiles of W1[e].T and W3[e].T
+    w3_ptrs = w3_ptr + w_offs
+
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        ### BEGIN SOLUTION
+        # HINT: k_remaining = K - k * BLOCK_K; load the x tile ONCE (mask: row_mask and offs_k < k_remaining, other=0)
+        # HINT: then a W1 tile and a W3 tile through w1_ptrs / w3_ptrs (mask offs_k < k_remaining)
+        # HINT: and accumulate two products: acc_gate = tl.dot(a, gate_tile, acc_gate), the same for acc_up
+        # STUB: pass
+        k_remaining = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)
+        w_gate = tl.load(w1_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+        w_up = tl.load(w3_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+        acc_gate = tl.dot(a, w_gate, acc_gate)
+        acc_up = tl.dot(a, w_up, acc_up)
+        ### END SOLUTION
+        a_ptrs += BLOCK_K * stride_xk
+        w1_ptrs += BLOCK_K * stride_wk
+        w3_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue: the activation, in fp32 registers, once the K sum is complete.
+    ### BEGIN SOLUTION
+    # HINT: silu(g) = g * sigmoid(g); h = silu(acc_gate) * acc_up (tl.sigmoid exists)
+    # STUB: h = acc_gate
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    ### END SOLUTION
+    out_ptrs = out_ptr + slot[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_n[None, :] < N))
+
+
+def fused_gate_up(x, w1, w3, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, config=None,
+                  out=None):
+    """silu(x W1[e]^T) * (x W3[e]^T) for every slot of the dispatch: returns ``[M * top_k, ffn]`` in
+    x's dtype, row ``slot`` for slot ``token * top_k + j`` (the j-th expert chosen by ``token``).
+
+    x: [M, hidden]; w1, w3: [E, ffn, hidden]; the dispatch tensors follow chapter 2's contract
+    (``reference.sorted_dispatch_reference``), and its block size is the kernel's BLOCK_M."""
+    validate.tensor("x", x, ndim=2, dtypes=validate.FLOAT_DTYPES, nonempty=True)
+    M, H = x.shape
+    validate.tensor("w1", w1, ndim=3, dtypes=(x.dtype,), device=x.device, shape=(None, None, H))
+    E, F, _ = w1.shape
+    validate.tensor("w3", w3, dtypes=(x.dtype,), device=x.device, shape=(E, F, H))
+    check_interpreter_dtype("x", x.dtype)
+    validate.top_k(top_k, E)
+    block_m = check_dispatch(sorted_token_ids, expert_ids, num_tokens_post_padded, x.device)
+    cfg = with_block_m(config or pick_config("fused_gate_up", M, H, F, E, top_k), block_m)
+    if out is None:
+        out = torch.empty((M * top_k, F), dtype=x.dtype, device=x.device)
+    else:
+        validate.tensor("out", out, shape=(M * top_k, F), dtypes=(x.dtype,), device=x.device)
+    num_blocks = blocks_bound(M * top_k, E, block_m, expert_ids.numel())
+    EM = num_blocks * block_m
+    grid = (num_blocks * triton.cdiv(F, cfg.BLOCK_N),)
+    fused_gate_up_kernel[grid](
+        x, w1, w3, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
+        F, H, EM, M * top_k, top_k,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), out.stride(0), out.stride(1),
+        **cfg.meta())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-compilation specs (chapter 6)
+
+_GATE_UP_PTRS = ("x_ptr", "w1_ptr", "w3_ptr", "out_ptr")
+_INDEX_PTRS = ("sorted_token_ids_ptr", "expert_ids_ptr", "num_tokens_post_padded_ptr")
+_GATE_UP_INTS = ("N", "K", "EM", "num_slots", "top_k", "stride_xm", "stride_xk", "stride_we", "stride_wn",
+                 "stride_wk", "stride_om", "stride_on")
+
+
+def all_configs(kernel: str) -> list[KernelConfig]:
+    """Every distinct config in every table of ``kernel`` (CPU, fallback, tuned), for the compile check."""
+    seen = {}
+    tables = [CPU_TABLES[kernel], GPU_FALLBACK[kernel]]
+    for v in ("nvidia", "amd"):
+        tables += list(tuned_tables(kernel, v).values())
+    for table in tables:
+        for _, cfg in table:
+            seen.setdefault(repr(cfg.meta()), cfg)
+    return list(seen.values())
+
+
+def compile_specs() -> list[CompileSpec]:
+    specs = []
+    for cfg in all_configs("fused_gate_up"):
+        for dt in ("bf16", "fp16"):
+            sig = {p: f"*{dt}" for p in _GATE_UP_PTRS}
+            sig.update({p: "*i32" for p in _INDEX_PTRS})
+            sig.update({p: "i32" for p in _GATE_UP_INTS})
+            const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K,
+                     "GROUP_M": cfg.GROUP_M}
+            sig.update({p: "constexpr" for p in const})
+            name = "fused_gate_up[" + ",".join(f"{k}={v}" for k, v in const.items()) + \
+                f",warps={cfg.num_warps},stages={cfg.num_stages}] {dt}"
+            specs.append(CompileSpec(name, fused_gate_up_kernel, sig, const, cfg.num_warps, cfg.num_stages,
+                                     dict(cfg.extra)))
+    return specs

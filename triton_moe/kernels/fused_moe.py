@@ -1,0 +1,234 @@
+"""``fused_moe``: the whole Mixture-of-Experts layer forward, for a kernel engineer to import.
+
+    from triton_moe.kernels.fused_moe import fused_moe, fused_experts, FusedMoEBlock
+
+    out = fused_moe(x, router_logits, w1, w3, w2, top_k)          # Mixtral / Qwen3-MoE routing
+    out = fused_experts(x, topk_weights, topk_ids, w1, w3, w2)    # any router (e.g. DeepSeek-V3's)
+    block = FusedMoEBlock.from_hf(hf_block)                        # a Hugging Face style MoE block
+
+The forward, in launches (no host synchronisation anywhere, so a CUDA graph can hold all of it):
+
+1. router: ``topk_softmax`` (chapter 2) -> topk_weights fp32 [M, k], topk_ids int32 [M, k];
+2. dispatch: ``sorted_dispatch`` (chapter 2) -> slots grouped by expert in BLOCK_M blocks, static sizes;
+3. ``fused_gate_up`` (chapter 4) -> silu(x W1^T) * (x W3^T), [M * k, ffn] in x's dtype;
+4. ``down_combine`` (chapter 5) -> h W2^T times the routing weight, top-k rows added per token, [M, hidden].
+
+Weights are stacked ``[E, N, K]``: ``w1, w3: [E, ffn, hidden]`` (gate, up), ``w2: [E, hidden, ffn]`` (down),
+all contiguous, in x's dtype (bf16 or fp16 on a GPU; fp32 works too, with tf32 dots; fp32 or fp16 on the
+CPU interpreter). Launch configs come from the tables of :mod:`triton_moe.kernels.fused_gate_up`, keyed by M.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import validate
+from ..mode import check_interpreter_dtype
+from ..reference import dispatch_sizes
+from .down_combine import down_combine
+from .fused_gate_up import fused_gate_up, pick_config, with_block_m
+
+__all__ = ["fused_moe", "fused_experts", "FusedMoEBlock", "route", "dispatch"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Router and dispatch: chapter 2's kernels, with torch stand-ins (sync-free too) while they are missing.
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True):
+    """softmax -> top-k -> (optionally) renormalise: (weights fp32 [M, k], ids int32 [M, k])."""
+    try:
+        from .routing import topk_softmax
+    except ImportError:  # pragma: no cover - chapter 2 not installed
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids.int()
+    return topk_softmax(router_logits, top_k, renormalize)
+
+
+def _dispatch_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """The dispatch contract in plain torch ops, with no host synchronisation (static sizes)."""
+    M, k = topk_ids.shape
+    S = M * k
+    size, max_blocks = dispatch_sizes(M, k, num_experts, block_m)
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).index_add_(
+        0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    order = torch.sort(flat, stable=True).indices                    # slots grouped by expert, in slot order
+    first = torch.cumsum(counts, 0) - counts                          # where each expert starts in `order`
+    sorted_exp = flat[order]
+    pos = starts[sorted_exp] + torch.arange(S, device=dev) - first[sorted_exp]
+    sorted_token_ids = torch.full((size,), S, dtype=torch.int32, device=dev)
+    sorted_token_ids.scatter_(0, pos, order.int())
+    block_start = torch.arange(max_blocks, device=dev) * block_m
+    expert_ids = torch.searchsorted(ends, block_start, right=True)
+    total = ends[-1:]
+    expert_ids = torch.where(block_start < total, expert_ids, -1).int()
+    return sorted_token_ids, expert_ids, total.int()
+
+
+def dispatch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """(sorted_token_ids, expert_ids, num_tokens_post_padded): chapter 2's ``sorted_dispatch``."""
+    try:
+        from .dispatch import sorted_dispatch
+    except ImportError:  # pragma: no cover - chapter 2 not installed
+        return _dispatch_torch(topk_ids, num_experts, block_m)
+    return sorted_dispatch(topk_ids, num_experts, block_m)
+
+
+# --------------------------------------------------------------------------------------------------
+# The public functions
+
+
+def _check_weights(x, w1, w3, w2):
+    validate.tensor("x", x, ndim=2, dtypes=validate.FLOAT_DTYPES, nonempty=True)
+    M, H = x.shape
+    check_interpreter_dtype("x", x.dtype)
+    validate.tensor("w1", w1, ndim=3, device=x.device)
+    E, F = w1.shape[0], w1.shape[1]
+    validate.tensor("w1", w1, shape=(E, F, H), dtypes=(x.dtype,), device=x.device)
+    validate.tensor("w3", w3, shape=(E, F, H), dtypes=(x.dtype,), device=x.device)
+    validate.tensor("w2", w2, shape=(E, H, F), dtypes=(x.dtype,), device=x.device)
+    if E < 1 or F < 1:
+        raise ValueError(f"w1 must hold at least one expert with ffn >= 1, got shape {list(w1.shape)}")
+    return M, H, E, F
+
+
+def fused_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w1: torch.Tensor,
+                  w3: torch.Tensor, w2: torch.Tensor, *, deterministic: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The experts' part of the layer, for routing computed elsewhere.
+
+    x: [M, hidden]; topk_weights: [M, top_k] (float; fp32 recommended); topk_ids: [M, top_k] int32/int64,
+    every id in [0, E) (not checked: that would need a host synchronisation); w1, w3: [E, ffn, hidden];
+    w2: [E, hidden, ffn]. Returns [M, hidden] in x's dtype (into ``out`` if given).
+    ``deterministic=True``: bit-identical results run to run (no atomics; a little slower)."""
+    M, H, E, F = _check_weights(x, w1, w3, w2)
+    validate.tensor("topk_ids", topk_ids, ndim=2, dtypes=validate.INDEX_DTYPES, device=x.device)
+    top_k = topk_ids.shape[1]
+    validate.top_k(top_k, E)
+    validate.tensor("topk_ids", topk_ids, shape=(M, top_k))
+    validate.tensor("topk_weights", topk_weights, shape=(M, top_k), dtypes=validate.FLOAT_DTYPES + (torch.float64,),
+                    device=x.device)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    cfg_up = pick_config("fused_gate_up", M, H, F, E, top_k)
+    cfg_down = with_block_m(pick_config("down_combine", M, H, F, E, top_k), cfg_up.BLOCK_M)
+    sorted_token_ids, expert_ids, num_post = dispatch(topk_ids, E, cfg_up.BLOCK_M)
+    h = fused_gate_up(x, w1, w3, sorted_token_ids, expert_ids, num_post, top_k, cfg_up)
+    return down_combine(h, w2, topk_weights, sorted_token_ids, expert_ids, num_post, deterministic, cfg_down, out)
+
+
+def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+              w2: torch.Tensor, top_k: int, *, renormalize: bool = True, deterministic: bool = False,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """One MoE layer: softmax top-k routing on ``router_logits`` ([M, E], any float dtype), then
+    ``sum_j w_j * W2[e_j] (silu(W1[e_j] x) * W3[e_j] x)`` per token.
+
+    Mixtral: ``renormalize=True``; Qwen3-MoE: ``renormalize=config.norm_topk_prob``. For other routers
+    (DeepSeek-V3's grouped sigmoid router) compute the top-k yourself and call :func:`fused_experts`.
+    Shapes as in :func:`fused_experts`. No host synchronisation: capturable in a CUDA graph."""
+    M, H, E, F = _check_weights(x, w1, w3, w2)
+    validate.tensor("router_logits", router_logits, shape=(M, E), dtypes=validate.FLOAT_DTYPES + (torch.float64,),
+                    device=x.device)
+    validate.top_k(top_k, E)
+    topk_weights, topk_ids = route(router_logits, top_k, bool(renormalize))
+    return fused_experts(x, topk_weights, topk_ids, w1, w3, w2, deterministic=deterministic, out=out)
+
+
+# --------------------------------------------------------------------------------------------------
+# nn.Module wrapper
+
+
+class FusedMoEBlock(nn.Module):
+    """A sparse MoE block (router + experts) running :func:`fused_moe`.
+
+    ``forward(hidden_states [..., hidden]) -> [..., hidden]`` (the output only; Hugging Face's Mixtral block
+    also returns the router logits). Build it from stacked weights, or from a Hugging Face style block with
+    :meth:`from_hf` (plain modules and tensors: nothing is downloaded)."""
+
+    def __init__(self, router_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                 top_k: int, renormalize: bool = True, deterministic: bool = False):
+        super().__init__()
+        validate.tensor("router_weight", router_weight, ndim=2, dtypes=validate.FLOAT_DTYPES)
+        E, H = router_weight.shape
+        validate.tensor("w1", w1, shape=(E, None, H), dtypes=validate.FLOAT_DTYPES, device=router_weight.device)
+        F = w1.shape[1]
+        validate.tensor("w3", w3, shape=(E, F, H), dtypes=(w1.dtype,), device=router_weight.device)
+        validate.tensor("w2", w2, shape=(E, H, F), dtypes=(w1.dtype,), device=router_weight.device)
+        validate.top_k(top_k, E)
+        self.router_weight = nn.Parameter(router_weight, requires_grad=False)
+        self.w1 = nn.Parameter(w1, requires_grad=False)
+        self.w3 = nn.Parameter(w3, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.top_k = top_k
+        self.renormalize = bool(renormalize)
+        self.deterministic = bool(deterministic)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    @classmethod
+    def from_hf(cls, block: nn.Module, top_k: int | None = None, renormalize: bool | None = None,
+                deterministic: bool = False) -> "FusedMoEBlock":
+        """Copy the weights of a Hugging Face style sparse MoE block:
+
+        - Mixtral (``MixtralSparseMoeBlock``): ``gate`` (Linear hidden -> E) and ``experts[i].w1`` (gate),
+          ``.w3`` (up), ``.w2`` (down), each an ``nn.Linear`` without bias; ``top_k`` from ``block.top_k``;
+          always renormalised;
+        - Qwen3-MoE (``Qwen3MoeSparseMoeBlock``): ``gate`` and ``experts[i].gate_proj``, ``.up_proj``,
+          ``.down_proj``; ``top_k`` from ``block.top_k``; renormalised when ``block.norm_topk_prob``.
+
+        The weights keep the block's dtype and device (move the block first, or the result after)."""
+        gate = getattr(block, "gate", None)
+        experts = getattr(block, "experts", None)
+        if not isinstance(gate, nn.Linear) or experts is None or len(experts) == 0:
+            raise ValueError("block must have a `gate` nn.Linear (hidden -> experts) and a non-empty `experts` "
+                             "list (Mixtral's block_sparse_moe or Qwen3-MoE's mlp)")
+        names = None
+        for candidate in (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")):
+            if all(isinstance(getattr(experts[0], n, None), nn.Linear) for n in candidate):
+                names = candidate
+                break
+        if names is None:
+            raise ValueError("block.experts[0] must have nn.Linear w1/w3/w2 (Mixtral) or gate_proj/up_proj/"
+                             "down_proj (Qwen3-MoE)")
+        for i, e in enumerate(experts):
+            for n in names:
+                if getattr(e, n).bias is not None:
+                    raise ValueError(f"block.experts[{i}].{n} has a bias; fused_moe's experts have none")
+        if gate.bias is not None:
+            raise ValueError("block.gate has a bias; the router here is a plain projection")
+        if top_k is None:
+            top_k = getattr(block, "top_k", None)
+            if top_k is None:
+                raise ValueError("block has no `top_k` attribute: pass top_k=")
+        if renormalize is None:
+            renormalize = bool(getattr(block, "norm_topk_prob", True)) if names[0] == "gate_proj" else True
+        with torch.no_grad():
+            stack = lambda n: torch.stack([getattr(e, n).weight for e in experts]).contiguous()  # noqa: E731
+            w1, w3, w2 = stack(names[0]), stack(names[1]), stack(names[2])
+            router = gate.weight.detach().clone().contiguous()
+        return cls(router, w1, w3, w2, int(top_k), renormalize, deterministic)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if not x.is_contiguous():
+            x = x.contiguous()
+        logits = nn.functional.linear(x, self.router_weight)
+        out = fused_moe(x, logits, self.w1, self.w3, self.w2, self.top_k, renormalize=self.renormalize,
+                        deterministic=self.deterministic)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        E, F, H = self.w1.shape
+        return (f"experts={E}, hidden={H}, ffn={F}, top_k={self.top_k}, renormalize={self.renormalize}, "
+                f"deterministic={self.deterministic}, dtype={self.w1.dtype}")
