@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .. import validate
 from ..crosscompile import CompileSpec
+from ..mode import ON_GPU
 from ..reference import dispatch_sizes
 
 
@@ -88,8 +89,8 @@ def dispatch_layout_kernel(expert_bounds_ptr, num_tokens_post_padded_ptr, expert
     rows = pid * BLOCKS * BLOCK_M + tl.arange(0, BLOCKS * BLOCK_M)
     sentinel = tl.zeros([BLOCKS * BLOCK_M], dtype=tl.int32) + num_slots
     tl.store(sorted_token_ids_ptr + rows, sentinel, mask=rows < max_blocks * BLOCK_M)
-    ### END SOLUTION
     # STUB: pass
+    ### END SOLUTION
 
 
 @triton.jit
@@ -115,21 +116,45 @@ def dispatch_scatter_kernel(topk_ids_ptr, chunk_counts_ptr, expert_bounds_ptr, s
         row = tl.sum(onehot * (before + next_row[None, :]), axis=1)
         tl.store(sorted_token_ids_ptr + row, offs, mask=valid & (e >= 0) & (e < num_experts))
         next_row += tl.sum(onehot, axis=0)
-    ### END SOLUTION
     # STUB: pass
+    ### END SOLUTION
 
 
-def _pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return max(2, triton.next_power_of_2(int(n)))
 
 
-def dispatch_launch_params(num_slots: int, num_experts: int, block_m: int) -> dict:
-    """Tile sizes of the four kernels (host-side Python ints only: no GPU value is read)."""
-    e_p2 = _pow2(num_experts)
-    sub = max(16, min(128, 8192 // e_p2))                   # one step is a [SUB, E_P2] one-hot tile
-    chunk = max(sub, triton.next_power_of_2(-(-num_slots // 128)))  # at most ~128 chunks
+def dispatch_launch_params(num_slots: int, num_experts: int, block_m: int, for_gpu: bool = ON_GPU) -> dict:
+    """Tile sizes of the four kernels (host-side Python ints only: no GPU value is read). On a GPU one step is a
+    [SUB, E] one-hot tile of about 8K values (registers) and up to ~128 chunks run in parallel; in the
+    interpreter every operation costs about the same whatever its size, so few, large steps."""
+    e_p2 = next_pow2(num_experts)
+    tile, max_sub, max_chunks = (8192, 128, 128) if for_gpu else (1 << 17, 1024, 4)
+    sub = max(16, min(max_sub, tile // e_p2))
+    chunk = max(sub, triton.next_power_of_2(-(-num_slots // max_chunks)))
     return {"E_P2": e_p2, "SUB": sub, "CHUNK": chunk, "num_chunks": -(-num_slots // chunk),
             "CHUNK_ROWS": 16, "BLOCKS": max(1, min(64, 4096 // block_m))}
+
+
+def sorted_dispatch_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """The same contract in plain PyTorch (argsort + bincount), for comparison: correct, static sizes, but
+    about ten small kernels, and ``bincount`` may synchronise with the host on some backends."""
+    M, top_k = topk_ids.shape
+    num_slots = M * top_k
+    size, max_blocks = dispatch_sizes(M, top_k, num_experts, block_m)
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)                 # slots grouped by expert, slot order inside
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    end = torch.cumsum(padded, 0)
+    expert_of_sorted = flat[order]
+    rank = torch.arange(num_slots, device=flat.device) - (torch.cumsum(counts, 0) - counts)[expert_of_sorted]
+    sorted_token_ids = torch.full((size,), num_slots, dtype=torch.int32, device=flat.device)
+    sorted_token_ids[(end - padded)[expert_of_sorted] + rank] = order.to(torch.int32)
+    first_row = torch.arange(max_blocks, device=flat.device) * block_m
+    expert_ids = torch.searchsorted(end, first_row, right=True)     # experts whose run ends at or before the row
+    expert_ids = torch.where(first_row < end[-1], expert_ids, -1).to(torch.int32)
+    return sorted_token_ids, expert_ids, end[-1:].to(torch.int32)
 
 
 def sorted_dispatch(topk_ids: torch.Tensor, num_experts: int, block_m: int, out=None):
@@ -203,7 +228,7 @@ def compile_specs() -> list:
     for E, k in sorted(combos):
         for bm in block_ms:
             for M in BATCH_SIZES:
-                p = dispatch_launch_params(M * k, E, bm)
+                p = dispatch_launch_params(M * k, E, bm, for_gpu=True)
                 for ids in ("*i32", "*i64"):
                     add("dispatch_count", dispatch_count_kernel,
                         {"topk_ids_ptr": ids, "chunk_counts_ptr": "*i32", "num_slots": "i32", "num_experts": "i32",

@@ -86,9 +86,9 @@ def grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_token_ids_ptr, expert_ids_
     a_rows = slots // a_rows_per_token
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    ### END SOLUTION
     # STUB: a_ptrs = a_ptr + offs_m[:, None] * 0 + offs_k[None, :] * 0
     # STUB: w_ptrs = w_ptr + offs_n[None, :] * 0 + offs_k[:, None] * 0
+    ### END SOLUTION
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         ### BEGIN SOLUTION
@@ -98,6 +98,7 @@ def grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_token_ids_ptr, expert_ids_
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         acc = tl.dot(a, w, acc)
+        # STUB: pass
         ### END SOLUTION
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -105,8 +106,8 @@ def grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_token_ids_ptr, expert_ids_
     # HINT: write row `slot` (not the sorted row) of out; skip padding rows and columns past N.
     out_ptrs = out_ptr + slots[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
-    ### END SOLUTION
     # STUB: pass
+    ### END SOLUTION
 
 
 def load_gpu_table(vendor: str):
@@ -172,6 +173,23 @@ def grouped_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, a_r
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         **config.meta())
     return out
+
+
+def moe_forward_grouped(x, topk_weights, topk_ids, w1, w3, w2, config=None):
+    """The MoE layer from chapter 3's pieces: dispatch, three grouped GEMMs (gate, up, down), SwiGLU and the
+    weighted sum in PyTorch. Chapters 4 and 5 fuse what is left in PyTorch here."""
+    import torch.nn.functional as F
+
+    from .dispatch import sorted_dispatch
+
+    M, k = topk_ids.shape
+    cfg = config or pick_config(M * k)
+    d = sorted_dispatch(topk_ids, w1.shape[0], cfg.BLOCK_M)
+    gate = grouped_gemm(x, w1, *d, k, cfg)                    # [M * k, ffn], slot order
+    up = grouped_gemm(x, w3, *d, k, cfg)
+    h = (F.silu(gate.float()) * up.float()).to(x.dtype)
+    y = grouped_gemm(h, w2, *d, 1, cfg)                       # [M * k, hidden]: h has one row per slot
+    return (y.view(M, k, -1).float() * topk_weights[:, :, None].float()).sum(dim=1).to(x.dtype)
 
 
 def grouped_gemm_reference(a, w, topk_ids, a_rows_per_token):

@@ -93,9 +93,9 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, M, E, stride_lm,
     if RENORMALIZE:
         denom = tl.sum(chosen_w, axis=1)
     weights = chosen_w / denom[:, None]
-    ### END SOLUTION
     # STUB: chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
     # STUB: weights = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+    ### END SOLUTION
     out = rows[:, None] * TOP_K + slots[None, :]
     omask = rmask[:, None] & (slots[None, :] < TOP_K)
     tl.store(ids_ptr + out, chosen_ids, mask=omask)
@@ -140,6 +140,7 @@ def deepseek_v3_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, M, E, s
         keep = keep | (group[None, :] == gi[:, None])
         group_score = tl.where(gcols[None, :] == gi[:, None], NEG, group_score)
     choice = tl.where(keep, choice, NEG)
+    # STUB: choice = choice
     ### END SOLUTION
     chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
     chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
@@ -161,16 +162,16 @@ def deepseek_v3_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, M, E, s
 # Host wrappers
 
 
-def _pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return max(2, triton.next_power_of_2(int(n)))
 
 
-def _tokens_per_program(E: int) -> int:
+def tokens_per_program(E: int) -> int:
     """Tokens per program: a [BLOCK_T, BLOCK_E] tile of about 4096 scores."""
-    return max(1, min(64, 4096 // _pow2(E)))
+    return max(1, min(64, 4096 // next_pow2(E)))
 
 
-def _check_logits(logits) -> None:
+def check_logits(logits) -> None:
     validate.tensor("logits", logits, ndim=2, dtypes=validate.FLOAT_DTYPES + (torch.float64,), nonempty=True)
     if logits.stride(1) != 1:
         raise ValueError("logits must have unit stride along the experts (call .contiguous() on it first)")
@@ -181,15 +182,15 @@ def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool = True):
 
     Returns (weights float32 [M, top_k], ids int32 [M, top_k]), slots in decreasing weight order, ties to the
     lower expert index."""
-    _check_logits(logits)
+    check_logits(logits)
     M, E = logits.shape
     validate.top_k(top_k, E)
     weights = torch.empty(M, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(M, top_k, dtype=torch.int32, device=logits.device)
-    block_t = _tokens_per_program(E)
+    block_t = tokens_per_program(E)
     topk_softmax_kernel[(triton.cdiv(M, block_t),)](
         logits, weights, ids, M, E, logits.stride(0),
-        TOP_K=top_k, K_P2=_pow2(top_k), RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=_pow2(E))
+        TOP_K=top_k, K_P2=next_pow2(top_k), RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=next_pow2(E))
     return weights, ids
 
 
@@ -198,7 +199,7 @@ def deepseek_v3_route(logits: torch.Tensor, correction_bias: torch.Tensor, top_k
     """DeepSeek-V3 routing (sigmoid, bias for choice only, group-limited top-k, renormalise, scale).
 
     DeepSeek-V3 itself: E=256, top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5."""
-    _check_logits(logits)
+    check_logits(logits)
     M, E = logits.shape
     validate.top_k(top_k, E)
     validate.tensor("correction_bias", correction_bias, shape=(E,), dtypes=validate.FLOAT_DTYPES + (torch.float64,),
@@ -214,11 +215,11 @@ def deepseek_v3_route(logits: torch.Tensor, correction_bias: torch.Tensor, top_k
         raise ValueError(f"top_k={top_k} experts cannot be chosen from {topk_group} groups of {E // n_group}")
     weights = torch.empty(M, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(M, top_k, dtype=torch.int32, device=logits.device)
-    block_t = _tokens_per_program(E)
+    block_t = tokens_per_program(E)
     deepseek_v3_route_kernel[(triton.cdiv(M, block_t),)](
         logits, correction_bias, weights, ids, M, E, logits.stride(0), float(routed_scaling_factor),
-        TOP_K=top_k, K_P2=_pow2(top_k), N_GROUP=n_group, G_P2=_pow2(n_group), TOPK_GROUP=topk_group,
-        BLOCK_T=block_t, BLOCK_E=_pow2(E))
+        TOP_K=top_k, K_P2=next_pow2(top_k), N_GROUP=n_group, G_P2=next_pow2(n_group), TOPK_GROUP=topk_group,
+        BLOCK_T=block_t, BLOCK_E=next_pow2(E))
     return weights, ids
 
 
@@ -242,11 +243,11 @@ def compile_specs() -> list:
     specs = []
     for key, shape in list(MODELS.items()) + [(k + " (cpu)", s) for k, s in CPU_SHAPES.items()]:
         E, k = shape.experts, shape.top_k
-        base = {"TOP_K": k, "K_P2": _pow2(k), "BLOCK_T": _tokens_per_program(E), "BLOCK_E": _pow2(E)}
+        base = {"TOP_K": k, "K_P2": next_pow2(k), "BLOCK_T": tokens_per_program(E), "BLOCK_E": next_pow2(E)}
         for dt in ("bf16", "fp16"):
             if shape.router == "deepseek_v3":
                 n_group, topk_group = (8, 4) if E >= 64 else (4, 2)
-                const = {**base, "N_GROUP": n_group, "G_P2": _pow2(n_group), "TOPK_GROUP": topk_group}
+                const = {**base, "N_GROUP": n_group, "G_P2": next_pow2(n_group), "TOPK_GROUP": topk_group}
                 sig = {"logits_ptr": f"*{dt}", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32",
                        "M": "i32", "E": "i32", "stride_lm": "i32", "scale": "fp32", **{c: "constexpr" for c in const}}
                 specs.append(CompileSpec(f"deepseek_v3_route[{key}] {dt}", deepseek_v3_route_kernel, sig, const))

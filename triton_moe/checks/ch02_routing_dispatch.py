@@ -1,0 +1,317 @@
+"""Chapter 2 checkers: the fused softmax + top-k router, DeepSeek-V3's grouped router, and the sorted dispatch."""
+from __future__ import annotations
+
+import torch
+
+from ..checking import CheckFailure, compare_exact, exercise, expect_tensor, poisoned, relative_error
+from ..kernels.routing import deepseek_v3_route_reference, topk_softmax_reference
+from ..mode import ON_GPU, device
+from ..reference import dispatch_sizes, make_problem, sorted_dispatch_reference
+from ..shapes import CPU_SHAPES, MODELS, MoEShape
+
+
+def _logits(shape: MoEShape, tokens: int, seed: int, routing: str) -> torch.Tensor:
+    """Router logits [M, E] float32 from a real softmax router (a narrow copy of the shape: only E matters)."""
+    return make_problem(shape.scaled(hidden=64, ffn=16), tokens, torch.float32, device(), seed, routing).logits
+
+
+def _shapes():
+    return MODELS if ON_GPU else CPU_SHAPES
+
+
+# --------------------------------------------------------------------------------------------------
+# Exercise 1: fused softmax + top-k
+
+
+def _plant_ties(logits: torch.Tensor, k: int, gen: torch.Generator) -> list[int]:
+    """Give a few tokens an exact tie AT the k-th place: an expert outside the top-k gets the logit of the k-th
+    chosen one, so only the tie-breaking rule (lower index wins) decides which of the two is chosen."""
+    M, E = logits.shape
+    rows = list(range(0, M, 3))[:8]
+    for t in rows:
+        order = torch.sort(logits[t].double().cpu(), descending=True, stable=True).indices
+        kth, outside = int(order[k - 1]), int(order[k + torch.randint(0, E - k, (1,), generator=gen)])
+        logits[t, outside] = logits[t, kth]
+    return rows
+
+
+def _sorted_pairs(w, ids):
+    ids_s, order = torch.sort(ids.long().cpu(), dim=1)
+    return ids_s, torch.gather(w.double().cpu(), 1, order)
+
+
+@exercise("02", "topk_softmax", points=2, kernels=("topk_softmax_kernel",),
+          hint="choose on the logits: k times take the row max and its lowest column (ties), then set that column "
+               "to -inf; weight = exp(logit - row max) / sum(exp) over all experts, or over the k chosen if renormalising")
+def check_topk_softmax(fn, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = _shapes()
+    # (shape, tokens, routing, renormalize, plant ties): Mixtral at M=1; Qwen3 without renormalisation, a token
+    # count no tile size divides; many experts (DeepSeek's 256 on a GPU) with skew and exact ties.
+    cases = [(shapes["mixtral"], 1, "uniform", True, False),
+             (shapes["qwen3"], 37, "skewed", False, False),
+             (shapes["mixtral"], 70, "empty", True, True),
+             (MODELS["deepseek_v3"].scaled(64, 16) if not ON_GPU else MODELS["deepseek_v3"], 33, "skewed", True, True)]
+    done = []
+    for i, (shape, M, routing, renorm, ties) in enumerate(cases):
+        logits = _logits(shape, M, seed + i, routing)
+        if ON_GPU and i % 2:  # on a GPU, half the cases pass bf16 logits (as a bf16 router projection gives)
+            logits = logits.to(torch.bfloat16)
+        k, E = shape.top_k, shape.experts
+        tie_rows = _plant_ties(logits, k, gen) if ties else []
+        where = f"M={M}, E={E}, top_k={k}, renormalize={renorm}, {str(logits.dtype).replace('torch.', '')} logits"
+        got = fn(logits.clone(), k, renorm)
+        if not (isinstance(got, (tuple, list)) and len(got) == 2):
+            raise CheckFailure("topk_softmax should return a pair (topk_weights, topk_ids)")
+        w, ids = got
+        expect_tensor("topk_weights", w, (M, k), torch.float32, device())
+        expect_tensor("topk_ids", ids, (M, k), (torch.int32, torch.int64), device())
+        ref_w, ref_ids = topk_softmax_reference(logits, k, renorm)
+        got_ids, got_w = _sorted_pairs(w, ids)
+        exp_ids, exp_w = _sorted_pairs(ref_w, ref_ids)
+        if (ids.long().cpu() == -7777).any() or torch.isnan(w).any():
+            raise CheckFailure(f"{where}: some outputs were never written (or are NaN)",
+                               hint="store every row < M and every slot < TOP_K (mask rows and slots)")
+        dup = [t for t in range(M) if len(set(got_ids[t].tolist())) < k]
+        if dup:
+            t = dup[0]
+            raise CheckFailure(f"{where}: token {t} chose experts {got_ids[t].tolist()}: the same expert twice",
+                               hint="after choosing a column, set it to -inf so the next round cannot pick it again")
+        bad = (got_ids != exp_ids).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            t = bad[0]
+            msg = (f"{where}: token {t} chose experts {got_ids[t].tolist()}, expected {exp_ids[t].tolist()} "
+                   f"({len(bad)} of {M} tokens wrong)")
+            if set(bad) <= set(tie_rows):
+                raise CheckFailure(msg + "; every wrong token has two experts with EQUAL logits",
+                                   hint="ties: the lower expert index wins, like the reference: among the columns "
+                                        "equal to the max take tl.min of their indices")
+            low = _sorted_pairs(*topk_softmax_reference(-logits, k, renorm))[0]
+            if (got_ids == low).all(dim=1).float().mean() > 0.5:
+                raise CheckFailure(msg + ": these are the SMALLEST logits", hint="take the max, not the min")
+            raise CheckFailure(msg, hint="top-k along the experts of each token (axis=1 of a [tokens, experts] tile)")
+        err = relative_error(got_w, exp_w)
+        if err > 1e-5:
+            sums = got_w.sum(dim=1)
+            t = int((got_w - exp_w).abs().max(dim=1).values.argmax())
+            msg = f"{where}: token {t} has weights {[round(v, 5) for v in got_w[t].tolist()]}, expected " \
+                  f"{[round(v, 5) for v in exp_w[t].tolist()]} (relative error {err:.2g})"
+            if renorm and (sums - 1).abs().max() > 1e-4:
+                raise CheckFailure(msg, hint="renormalize=True: divide the k chosen weights by THEIR sum (they add to 1)")
+            if not renorm and (sums - 1).abs().max() < 1e-5:
+                raise CheckFailure(msg + "; they sum to 1",
+                                   hint="renormalize=False (Qwen3 without norm_topk_prob): the weights are the softmax "
+                                        "probabilities themselves, divided by the sum over ALL experts")
+            raise CheckFailure(msg, hint="weight = exp(logit - row max) / sum of exp over the row (subtract the max "
+                                         "for stability; masked columns must be -inf so they add exp(-inf) = 0)")
+        done.append(f"M={M} E={E} k={k} renorm={renorm}" + (" ties" if ties else ""))
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# Exercise 2: DeepSeek-V3 grouped routing
+
+
+def _decision_margin(logits, bias, k, n_group, topk_group) -> torch.Tensor:
+    """Per token, the smallest float64 gap at a decision (k-th vs next expert, last kept vs first dropped
+    group). Tokens whose margin is below float32 resolution may legitimately choose differently."""
+    M, E = logits.shape
+    choice = torch.sigmoid(logits.double()) + bias.double()[None, :]
+    gs = choice.view(M, n_group, -1).topk(2, dim=-1).values.sum(-1)
+    g_sorted = gs.sort(dim=-1, descending=True).values
+    margin = g_sorted[:, topk_group - 1] - (g_sorted[:, topk_group] if topk_group < n_group else -1e9)
+    ref_w, ref_ids = deepseek_v3_route_reference(logits, bias, k, n_group, topk_group, 1.0)
+    keep = torch.zeros(M, n_group, dtype=torch.bool)
+    gidx = gs.sort(dim=-1, descending=True, stable=True).indices[:, :topk_group]
+    keep.scatter_(1, gidx, True)
+    masked = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    e_sorted = masked.sort(dim=-1, descending=True).values
+    margin = torch.minimum(margin, e_sorted[:, k - 1] - e_sorted[:, k])
+    return margin
+
+
+@exercise("02", "deepseek_v3_route", points=1, kernels=("deepseek_v3_route_kernel",),
+          hint="group score = sum of the group's TWO best biased scores; keep the topk_group best groups; set every "
+               "expert outside them to -inf before the top-k")
+def check_deepseek_v3_route(fn, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if ON_GPU:
+        cases = [(256, 8, 8, 4, 1), (256, 8, 8, 4, 300), (64, 6, 8, 3, 50)]
+    else:
+        cases = [(32, 8, 4, 2, 1), (32, 8, 4, 2, 45), (64, 6, 8, 3, 20)]
+    done = []
+    for i, (E, k, n_group, topk_group, M) in enumerate(cases):
+        shape = MoEShape("deepseek-like", 64, 16, E, k, "deepseek_v3")
+        logits = _logits(shape, M, seed + i, "uniform")
+        # A bias big enough to change choices (the real one balances load); a few groups pushed up.
+        bias = (torch.randn(E, generator=gen) * 0.3).to(device())
+        scale = 2.5
+        where = f"E={E}, top_k={k}, n_group={n_group}, topk_group={topk_group}, M={M}"
+        got = fn(logits.clone(), bias.clone(), k, n_group, topk_group, scale)
+        if not (isinstance(got, (tuple, list)) and len(got) == 2):
+            raise CheckFailure("deepseek_v3_route should return a pair (topk_weights, topk_ids)")
+        w, ids = got
+        expect_tensor("topk_weights", w, (M, k), torch.float32, device())
+        expect_tensor("topk_ids", ids, (M, k), (torch.int32, torch.int64), device())
+        ref_w, ref_ids = deepseek_v3_route_reference(logits, bias, k, n_group, topk_group, scale)
+        got_ids, got_w = _sorted_pairs(w, ids)
+        exp_ids, exp_w = _sorted_pairs(ref_w, ref_ids)
+        lc, bc = logits.cpu(), bias.cpu()
+        ambiguous = (_decision_margin(lc, bc, k, n_group, topk_group) < 1e-5)
+        bad = [t for t in (got_ids != exp_ids).any(dim=1).nonzero().flatten().tolist() if not ambiguous[t]]
+        if bad:
+            t = bad[0]
+            msg = (f"{where}: token {t} chose experts {got_ids[t].tolist()}, expected {exp_ids[t].tolist()} "
+                   f"({len(bad)} of {M} tokens wrong)")
+            alternatives = [
+                (deepseek_v3_route_reference(lc, bc, k, 1, 1, scale)[1],
+                 "that is the top-k over ALL experts: the group limit is missing (keep only the topk_group best groups)"),
+                (deepseek_v3_route_reference(lc, torch.zeros_like(bc), k, n_group, topk_group, scale)[1],
+                 "that is the choice WITHOUT the correction bias: add the bias to the scores you choose on"),
+                (_route_top1_groups(lc, bc, k, n_group, topk_group),
+                 "that ranks groups by their best expert only: a group's score is the sum of its TWO best biased scores"),
+            ]
+            for alt_ids, why in alternatives:
+                if torch.equal(torch.sort(alt_ids, dim=1).values, got_ids):
+                    raise CheckFailure(msg + "; " + why)
+            raise CheckFailure(msg)
+        ok = torch.tensor([t not in set(ambiguous.nonzero().flatten().tolist()) for t in range(M)])
+        if ok.any() and relative_error(got_w[ok], exp_w[ok]) > 1e-5:
+            t = int(((got_w - exp_w).abs().max(dim=1).values * ok).argmax())
+            msg = (f"{where}: token {t} has weights {[round(v, 4) for v in got_w[t].tolist()]}, expected "
+                   f"{[round(v, 4) for v in exp_w[t].tolist()]}")
+            sums = got_w[ok].sum(dim=1)
+            if (sums - 1).abs().max() < 1e-4:
+                raise CheckFailure(msg + "; they sum to 1", hint="multiply the renormalised weights by routed_scaling_factor")
+            biased = torch.sigmoid(lc.double()).gather(1, got_ids) + bc.double()[got_ids]
+            if relative_error(got_w[ok], (biased / biased.sum(1, keepdim=True) * scale)[ok]) < 1e-5:
+                raise CheckFailure(msg, hint="the bias is for choosing only: the weights are the UNBIASED sigmoid scores")
+            raise CheckFailure(msg, hint="weights = sigmoid scores of the chosen experts / their sum * routed_scaling_factor")
+        done.append(f"E={E} k={k} groups {topk_group}/{n_group} M={M}")
+    return done
+
+
+def _route_top1_groups(logits, bias, k, n_group, topk_group):
+    """The classic mistake: groups ranked by their single best score (DeepSeek-V2's group_limited_greedy)."""
+    M, E = logits.shape
+    choice = torch.sigmoid(logits.double()) + bias.double()[None, :]
+    gs = choice.view(M, n_group, -1).max(dim=-1).values
+    gidx = gs.sort(dim=-1, descending=True, stable=True).indices[:, :topk_group]
+    keep = torch.zeros(M, n_group, dtype=torch.bool).scatter_(1, gidx, True)
+    masked = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    return masked.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+# --------------------------------------------------------------------------------------------------
+# Exercise 3: sorted dispatch
+
+
+def _ids(M: int, E: int, k: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """[M, k] distinct experts per token. 'uniform'; 'skewed': expert 1 is in every token's choice and the rest
+    come from the first quarter; 'empty': only the odd experts are ever chosen."""
+    pool = {"uniform": list(range(E)), "skewed": list(range(max(k, E // 4))),
+            "empty": list(range(1, E, 2)) if E // 2 >= k else list(range(E))}[kind]
+    rows = []
+    for _ in range(M):
+        p = torch.tensor(pool)[torch.randperm(len(pool), generator=gen)]
+        if kind == "skewed":
+            p = torch.cat([torch.tensor([1]), p[p != 1]])
+        rows.append(p[:k])
+    return torch.stack(rows).int()
+
+
+@exercise("02", "sorted_dispatch", points=3, kernels=("dispatch_layout_kernel", "dispatch_scatter_kernel"),
+          hint="layout: expert of block b = number of experts whose padded run ends at or before row b*BLOCK_M "
+               "(-1 past the end), sentinel M*top_k in every row; scatter: row = run start + earlier slots of the "
+               "same expert (exclusive cumsum)")
+def check_sorted_dispatch(fn, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # (M, E, top_k, block_m, kind): M=1; M*top_k no multiple of block_m; 256 experts, most empty; heavy skew;
+    # half the experts empty; int64 ids; (GPU) Mixtral and DeepSeek-V3 at M=4096.
+    cases = [(1, 8, 2, 16, "uniform", torch.int32), (37, 8, 2, 16, "uniform", torch.int32),
+             (9, 256, 8, 16, "uniform", torch.int32), (150, 16, 4, 32, "skewed", torch.int32),
+             (61, 32, 8, 64, "empty", torch.int64), (1, 256, 8, 64, "uniform", torch.int32),
+             (600, 256, 8, 16, "skewed", torch.int32)]   # 4800 slots: several steps of SUB slots per chunk
+    if ON_GPU:
+        cases += [(4096, 8, 2, 64, "uniform", torch.int32), (4096, 256, 8, 16, "skewed", torch.int32)]
+    done = []
+    for M, E, k, bm, kind, dt in cases:
+        ids = _ids(M, E, k, kind, gen).to(dt).to(device())
+        S = M * k
+        size, max_blocks = dispatch_sizes(M, k, E, bm)
+        where = f"M={M}, top_k={k}, E={E}, block_m={bm} ({kind} routing)"
+        out = (poisoned((size,), torch.int32, device()), poisoned((max_blocks,), torch.int32, device()),
+               poisoned((1,), torch.int32, device()))
+        try:
+            got = fn(ids.clone(), E, bm, out=out)
+        except TypeError as exc:
+            if "out" not in str(exc):
+                raise
+            got = fn(ids.clone(), E, bm)
+        if not (isinstance(got, (tuple, list)) and len(got) == 3):
+            raise CheckFailure("sorted_dispatch should return (sorted_token_ids, expert_ids, num_tokens_post_padded)")
+        sorted_ids, expert_ids, ntpp = got
+        expect_tensor("sorted_token_ids", sorted_ids, (size,), torch.int32, device())
+        expect_tensor("expert_ids", expert_ids, (max_blocks,), torch.int32, device())
+        expect_tensor("num_tokens_post_padded", ntpp, (1,), torch.int32, device())
+        r_sorted, r_eids, r_ntpp = (t.cpu() for t in sorted_dispatch_reference(ids, E, bm))
+        sorted_ids, expert_ids, ntpp = sorted_ids.cpu(), expert_ids.cpu(), ntpp.cpu()
+        try:
+            compare_exact("num_tokens_post_padded", ntpp, r_ntpp)
+        except CheckFailure as exc:
+            raise CheckFailure(f"{where}: {exc.message}",
+                               hint="rows in use = sum over experts of ceil(count / block_m) * block_m") from None
+        used = int(r_ntpp)
+        bad_e = (expert_ids != r_eids).nonzero().flatten()
+        if len(bad_e):
+            b = int(bad_e[0])
+            msg = (f"{where}: expert_ids[{b}] = {int(expert_ids[b])}, expected {int(r_eids[b])} "
+                   f"({len(bad_e)} of {max_blocks} blocks wrong)")
+            if int(expert_ids[b]) == -7777:
+                raise CheckFailure(msg + " (still the poison: never written)",
+                                   hint="every block up to max_blocks needs an expert id, -1 for blocks past the end")
+            counts = torch.bincount(ids.flatten().long().cpu(), minlength=E)
+            end = torch.cumsum((counts + bm - 1) // bm * bm, 0)
+            first = torch.arange(max_blocks) * bm
+            live = first < used
+            off_by_one = [torch.searchsorted(end, first, right=False), r_eids + 1, r_eids - 1]
+            if any(torch.equal(expert_ids[live].long(), alt[live].long()) for alt in off_by_one):
+                raise CheckFailure(msg + ": off by one", hint="off-by-one block expert id: block b belongs to the "
+                                   "expert whose run contains row b*BLOCK_M; count experts whose run ENDS at or "
+                                   "before that row (end <= row, not end < row)")
+            if (r_eids[bad_e] == -1).all():
+                raise CheckFailure(msg, hint="blocks starting at or past num_tokens_post_padded get expert id -1")
+            raise CheckFailure(msg)
+        pad = r_sorted == S
+        wrong_pad = pad & (sorted_ids != S) & ((sorted_ids < 0) | (sorted_ids > S))
+        if wrong_pad.any():
+            r = int(wrong_pad.nonzero()[0])
+            got_v = int(sorted_ids[r])
+            what = "still the poison: never written" if got_v == -7777 else f"got {got_v}"
+            raise CheckFailure(f"{where}: row {r} is padding ({'past the end' if r >= used else 'inside a run'}) "
+                               f"and must hold the sentinel M*top_k = {S}; {what}",
+                               hint="wrong padding sentinel: fill every row of every block with num_slots = M*top_k "
+                                    "(one past the last real slot, so the GEMM can mask it with slot < num_slots)")
+        if not torch.equal(sorted_ids, r_sorted):
+            rows = (sorted_ids != r_sorted).nonzero().flatten()
+            r = int(rows[0])
+            msg = (f"{where}: sorted_token_ids[{r}] = {int(sorted_ids[r])}, expected "
+                   f"{'the sentinel' if bool(pad[r]) else 'slot'} {int(r_sorted[r])} ({len(rows)} rows wrong)")
+            real = ~pad
+            if torch.equal(torch.sort(sorted_ids[real]).values, torch.sort(r_sorted[real]).values):
+                raise CheckFailure(msg + ": every slot is in its expert's run, in the wrong order",
+                                   hint="keep increasing slot order inside an expert (stable): a slot's rank is the "
+                                        "number of EARLIER slots of the same expert")
+            shifted = rows[rows > 0]
+            if len(shifted) and (sorted_ids[shifted] == r_sorted[shifted - 1]).float().mean() > 0.5:
+                raise CheckFailure(msg + ": slots land one row too far (the first row of a run keeps the sentinel)",
+                                   hint="the rank must be EXCLUSIVE: cumsum(onehot) - onehot counts only the earlier "
+                                        "slots of the same expert")
+            missing = sorted(set(r_sorted[real].tolist()) - set(sorted_ids[real].tolist()))
+            if missing:
+                raise CheckFailure(msg + f"; slot(s) {missing[:5]} never placed (two slots written to one row?)",
+                                   hint="row = run start + slots of the same expert in earlier chunks + earlier in this "
+                                        "chunk (advance the per-expert position after every step of SUB slots)")
+            raise CheckFailure(msg)
+        done.append(f"M={M} E={E} k={k} block_m={bm} {kind}")
+    return done
