@@ -10,7 +10,7 @@ from ..shapes import shape_for_mode
 from .common import diagnose_combine
 
 # (tokens, routing): M=1, a size that is no multiple of any block, experts with no tokens, skew.
-MOE_CASES = ((1, "uniform"), (37, "empty"), (64, "skewed"))
+MOE_CASES = ((1, "uniform"), (37, "empty"), (64, "skewed"), (64, "uniform"))
 
 
 @exercise("01", "route_topk", points=1,
@@ -55,8 +55,7 @@ def check_route_topk(fn, seed):
                "tokens, multiply by their topk_weights and index_add_ into the output")
 def check_moe_forward_loop(fn, seed):
     dtype = default_dtype()
-    tol = tolerance(dtype)
-    cases = []
+    cases, failures = [], []
     for i, (tokens, routing) in enumerate(MOE_CASES):
         p = make_problem(shape_for_mode("mixtral"), tokens, dtype, device(), seed + i, routing)
         out = fn(p.x, p.topk_weights, p.topk_ids, p.w1, p.w3, p.w2)
@@ -68,17 +67,29 @@ def check_moe_forward_loop(fn, seed):
         except CheckFailure as exc:
             if "NaN" in exc.message:
                 raise
-            contrib = expert_contributions(p.x, p.topk_weights, p.topk_ids, p.w1, p.w3, p.w2)
-            hint = diagnose_combine(out, contrib, p.topk_weights, p.topk_ids, tol)
-            if not hint:
-                for shift in (1, -1):
-                    alt = moe_reference(p.x, p.topk_weights, (p.topk_ids + shift) % p.shape.experts, p.w1, p.w3, p.w2)
-                    if relative_error(out, alt) <= tol:
-                        hint = f"the output matches using expert e{shift:+d}'s weights for expert e: an off-by-one expert index"
-            if not hint:
-                swapped = moe_reference(p.x, p.topk_weights, p.topk_ids, p.w3, p.w1, p.w2)
-                if relative_error(out, swapped) <= tol:
-                    hint = "gate and up are swapped: silu goes on W1 x (the gate), then multiply by W3 x (the up)"
-            raise CheckFailure(f"M={tokens}, {routing} routing: {exc.message}", hint or exc.hint) from None
+            failures.append((f"M={tokens}, {routing} routing: {exc.message}", p, out, exc.hint))
+            continue
         cases.append(f"M={tokens} {routing}")
+    if failures:
+        # Report the first (simplest) failing case; diagnose on the largest one, where one token's story
+        # ("token 0 lacks expert 7") and a whole expert's ("expert 7 is never added") can be told apart.
+        message = failures[0][0]
+        _, p, out, hint = max(failures, key=lambda f: f[1].tokens)
+        raise CheckFailure(message, _diagnose(p, out, dtype) or hint)
     return cases
+
+
+def _diagnose(p, out, dtype) -> str:
+    tol = tolerance(dtype)
+    contrib = expert_contributions(p.x, p.topk_weights, p.topk_ids, p.w1, p.w3, p.w2)
+    hint = diagnose_combine(out, contrib, p.topk_weights, p.topk_ids, tol)
+    if hint:
+        return hint
+    for shift in (1, -1):
+        alt = moe_reference(p.x, p.topk_weights, (p.topk_ids + shift) % p.shape.experts, p.w1, p.w3, p.w2)
+        if relative_error(out, alt) <= tol:
+            return f"the output matches using expert e{shift:+d}'s weights for expert e: an off-by-one expert index"
+    swapped = moe_reference(p.x, p.topk_weights, p.topk_ids, p.w3, p.w1, p.w2)
+    if relative_error(out, swapped) <= tol:
+        return "gate and up are swapped: silu goes on W1 x (the gate), then multiply by W3 x (the up)"
+    return ""
