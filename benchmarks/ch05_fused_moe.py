@@ -215,16 +215,20 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         del base, w1, w3, w2, w13t, w2t
         torch.cuda.empty_cache()
-    out = write_rows(rows, results_path("ch05_fused_moe"))
-    paths = [out]
+        paths = save(rows, stage_rows)  # after every model: a run stopped at its time limit keeps what it measured
+    print(f"wrote {', '.join(map(str, paths))} in {time.time() - t_start:.0f} s")
+    summary(rows)
+    return 0
+
+
+def save(rows, stage_rows):
+    paths = [write_rows(rows, results_path("ch05_fused_moe"))]
     if stage_rows:
         paths.append(write_rows(stage_rows, results_path("ch04_fused_gate_up")))
     if os.environ.get("OUT"):
         for p in paths:
             shutil.copy(p, Path(os.environ["OUT"]) / p.name)
-    print(f"wrote {', '.join(map(str, paths))} in {time.time() - t_start:.0f} s")
-    summary(rows)
-    return 0
+    return paths
 
 
 def stage_point(meta, ceilings, shape, M, inputs, w1, w3, dtype, R):

@@ -183,7 +183,7 @@ def test_fused_experts_validation():
     with pytest.raises(ValueError, match="topk_weights must have shape"):
         call(tw=p.topk_weights[:, :1].contiguous())
     with pytest.raises(ValueError, match="top_k must be between"):
-        call(ti=torch.zeros(4, 9, dtype=torch.int32), tw=torch.ones(4, 9))
+        call(ti=torch.zeros(4, 9, dtype=torch.int32, device=DEV), tw=torch.ones(4, 9, device=DEV))
     with pytest.raises(ValueError, match="deterministic must be a bool"):
         call(kw={"deterministic": "yes"})
 

@@ -58,14 +58,14 @@ CPU_TABLES = {
 # growing with M. The tuned NVIDIA tables replace it where they exist.
 GPU_FALLBACK = {
     "fused_gate_up": [
-        (16, KernelConfig(16, 64, 128, 1, 4, 4)),
-        (64, KernelConfig(32, 64, 128, 1, 4, 4)),
+        (16, KernelConfig(16, 64, 128, 8, 4, 4)),
+        (64, KernelConfig(32, 64, 128, 8, 4, 4)),
         (512, KernelConfig(64, 64, 64, 8, 4, 4)),
         (INF, KernelConfig(128, 64, 64, 8, 8, 3)),
     ],
     "down_combine": [
-        (16, KernelConfig(16, 64, 128, 1, 4, 4, extra={"SPLIT_K": 2})),
-        (64, KernelConfig(32, 64, 128, 1, 4, 4, extra={"SPLIT_K": 1})),
+        (16, KernelConfig(16, 64, 128, 8, 4, 4, extra={"SPLIT_K": 2})),
+        (64, KernelConfig(32, 64, 128, 8, 4, 4, extra={"SPLIT_K": 1})),
         (512, KernelConfig(64, 64, 64, 8, 4, 4, extra={"SPLIT_K": 1})),
         (INF, KernelConfig(128, 128, 64, 8, 8, 3, extra={"SPLIT_K": 1})),
     ],
