@@ -32,6 +32,7 @@ from .. import validate
 from ..configs import KernelConfig, load_table, pick
 from ..crosscompile import CompileSpec
 from ..mode import ON_GPU, check_interpreter_dtype
+from .dispatch import sorted_dispatch
 
 TABLES = Path(__file__).resolve().parent.parent / "tables"
 
@@ -179,8 +180,6 @@ def moe_forward_grouped(x, topk_weights, topk_ids, w1, w3, w2, config=None):
     """The MoE layer from chapter 3's pieces: dispatch, three grouped GEMMs (gate, up, down), SwiGLU and the
     weighted sum in PyTorch. Chapters 4 and 5 fuse what is left in PyTorch here."""
     import torch.nn.functional as F
-
-    from .dispatch import sorted_dispatch
 
     M, k = topk_ids.shape
     cfg = config or pick_config(M * k)
