@@ -85,7 +85,7 @@ def grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_token_ids_ptr, expert_ids_
     # HINT: a_ptrs: [BLOCK_M, BLOCK_K]; w_ptrs: [BLOCK_K, BLOCK_N] inside expert `expert`'s [N, K] matrix,
     # HINT: i.e. w_ptr + expert * stride_we + offs_n * stride_wn + offs_k * stride_wk (w is read transposed).
     a_rows = slots // a_rows_per_token
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     # STUB: a_ptrs = a_ptr + offs_m[:, None] * 0 + offs_k[None, :] * 0
     # STUB: w_ptrs = w_ptr + offs_n[None, :] * 0 + offs_k[:, None] * 0
@@ -105,7 +105,8 @@ def grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_token_ids_ptr, expert_ids_
         w_ptrs += BLOCK_K * stride_wk
     ### BEGIN SOLUTION
     # HINT: write row `slot` (not the sorted row) of out; skip padding rows and columns past N.
-    out_ptrs = out_ptr + slots[:, None] * stride_om + offs_n[None, :] * stride_on
+    # HINT: (row offsets in int64: M * top_k * N can pass 2**31 at prefill sizes)
+    out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
     # STUB: pass
     ### END SOLUTION
