@@ -1,12 +1,55 @@
 """Compile every kernel for NVIDIA and AMD targets on a machine without a GPU (chapter 6).
 
-Each kernel module exposes ``compile_specs() -> list[CompileSpec]``: one spec per kernel, config and
-dtype. The check compiles each for sm_80, sm_90, gfx942 and gfx90a with ``triton.compile`` and
-``GPUTarget`` and reads registers, spills and shared memory / LDS from the results.
+Each kernel module ``triton_moe/kernels/*.py`` exposes ``compile_specs() -> list[CompileSpec]``: one spec per
+kernel, config and dtype. The check compiles each for sm_80, sm_90, gfx942 and gfx90a with
+``triton.compile`` and ``GPUTarget`` and reads registers, spills and shared memory / LDS from the results::
+
+    python -m triton_moe.crosscompile                       # every discovered spec, all four targets
+    python -m triton_moe.crosscompile --subset ci           # what CI compiles (see SUBSETS)
+    python -m triton_moe.crosscompile --report docs/compile-report.md   # also write the report (+ .json)
+    python -m triton_moe.crosscompile --source triton_moe.kernels.portability_demo:planted_spill_specs
+
+It exits with 1 if any spec fails to compile for a target, spills registers, or needs more shared memory /
+LDS than the target gives one block / workgroup, and with 0 otherwise.
+
+How it reads each target (nothing here needs a GPU or a driver):
+
+- NVIDIA: ``cuobjdump --dump-resource-usage`` on the cubin gives registers and stack; when the stack is not
+  empty, ``ptxas -v`` on the PTX (the ptxas Triton itself uses) says how many bytes were spilled. Shared
+  memory is Triton's ``metadata.shared`` (dynamic shared memory per block). sm_90 PTX with ``wgmma`` uses
+  Hopper's warpgroup tensor cores; ``mma.sync`` is the Ampere-style instruction.
+- AMD: the AMDGCN assembly's metadata (``.vgpr_count``, ``.sgpr_count``, ``.vgpr_spill_count``,
+  ``.sgpr_spill_count``, ``; NumAgprs:``, ``; Occupancy:``); LDS is ``metadata.shared``. ``v_mfma_*`` are
+  CDNA's matrix instructions.
+
+Why worker processes: importing :mod:`triton_moe` on a machine without a GPU sets ``TRITON_INTERPRET=1``
+before any kernel is defined, and then ``@triton.jit`` makes interpreter functions, which
+``triton.compile`` cannot compile (``'InterpretedFunction' object has no attribute 'cache_key'``; a kernel
+calling another ``@triton.jit`` helper would need that one rebuilt too). So the kernel modules are imported
+again in fresh worker processes with the flag cleared; that also runs the two cores of a CI machine in
+parallel and keeps a crashing compiler (LLVM aborts on some bad configs) from taking the caller down.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import datetime as _dt
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+DEFAULT_CACHE = ROOT / ".triton_cache" / "crosscompile"
+
+DIV16 = [["tt.divisibility", 16]]  # attrs value: the argument is a multiple of 16 (pointers: 16-byte aligned)
 
 
 @dataclass
@@ -18,3 +61,538 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     options: dict = field(default_factory=dict)  # extra compiler options (AMD: waves_per_eu, kpack, ...)
+    # Optional, added for chapter 6 (older specs need neither):
+    attrs: dict = field(default_factory=dict)    # parameter name -> [["tt.divisibility", 16]] (DIV16), as a
+    #                                              real launch specialises 16-divisible ints and pointers
+    vendors: tuple = ("nvidia", "amd")           # compile for these vendors' targets only
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str            # "sm_90"
+    vendor: str          # "nvidia" or "amd"
+    backend: str         # GPUTarget backend: "cuda" or "hip"
+    arch: object         # 90 or "gfx942"
+    warp_size: int       # 32 (warp) or 64 (wavefront)
+    shared_limit: int    # bytes of shared memory / LDS one block / workgroup may use
+    gpu: str             # the GPU it stands for, for the report
+
+    def gpu_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget(self.backend, self.arch, self.warp_size)
+
+
+# Limits per block / workgroup (datasheet / programming-guide values): H100 228 KB shared memory per SM, of
+# which 227 KB one block may opt into; A100 164 KB per SM, 163 KB per block; CDNA2/CDNA3 64 KB LDS per CU
+# and per workgroup.
+TARGETS: dict[str, Target] = {
+    "sm_90": Target("sm_90", "nvidia", "cuda", 90, 32, 227 * 1024, "H100 (Hopper)"),
+    "sm_80": Target("sm_80", "nvidia", "cuda", 80, 32, 163 * 1024, "A100 (Ampere)"),
+    "gfx942": Target("gfx942", "amd", "hip", "gfx942", 64, 64 * 1024, "MI300X (CDNA3)"),
+    "gfx90a": Target("gfx90a", "amd", "hip", "gfx90a", 64, 64 * 1024, "MI250X (CDNA2)"),
+}
+
+# What CI compiles. "all": every spec. "ci": every config of every kernel in bf16 (the course's GPU dtype);
+# fp16 shares bf16's shared-memory footprint and register layout, so it is left to the committed report.
+SUBSETS = ("all", "ci")
+
+
+@dataclass
+class CompileResult:
+    spec: str
+    kernel: str          # the @triton.jit function's name
+    module: str          # where compile_specs() came from
+    target: str
+    ok: bool = False     # compiled
+    error: str = ""
+    seconds: float = 0.0
+    shared: int = 0      # bytes of dynamic shared memory / LDS per block
+    shared_limit: int = 0
+    registers: int = 0   # NVIDIA: registers per thread; AMD: VGPRs per lane (architectural + accumulation)
+    vgpr: int = 0        # AMD only, split of ``registers``
+    agpr: int = 0
+    sgpr: int = 0
+    spill_bytes: int = 0  # NVIDIA: bytes of spill stores (ptxas -v)
+    stack: int = 0        # NVIDIA: stack frame bytes; AMD: scratch bytes per lane
+    vgpr_spill: int = 0   # AMD: VGPRs spilled to scratch memory
+    sgpr_spill: int = 0   # AMD: SGPRs spilled (into VGPR lanes or memory)
+    occupancy: int = 0    # AMD: waves per SIMD the compiler reports (0: not reported)
+    matrix: str = ""      # "wgmma", "mma.sync", "v_mfma_f32_32x32x8_bf16", or "" (no matrix instruction)
+    num_warps: int = 0
+    num_stages: int = 0
+    lesson: bool = False  # an expected failure shown as a lesson; never counts against the check
+
+    def problems(self) -> list[str]:
+        """Why this compile fails the check; empty when it passes."""
+        if not self.ok:
+            return [f"compile error: {error_summary(self.error)}"]
+        out = []
+        if self.spill_bytes > 0:
+            out.append(f"spills {self.spill_bytes} B of registers")
+        elif self.spill_bytes < 0:  # a stack frame, and ptxas -v could not say what is in it
+            out.append(f"{self.stack} B stack frame (spills?)")
+        if self.vgpr_spill or self.sgpr_spill:
+            out.append("spills " + ", ".join(f"{n} {k}" for n, k in ((self.vgpr_spill, "VGPRs"), (self.sgpr_spill, "SGPRs")) if n))
+        if self.shared > self.shared_limit:
+            out.append(f"needs {self.shared} B of {'LDS' if TARGETS[self.target].vendor == 'amd' else 'shared memory'}"
+                       f" > the {self.shared_limit} B a {'workgroup' if TARGETS[self.target].vendor == 'amd' else 'block'}"
+                       f" may use on {self.target}")
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems()
+
+
+def error_summary(error: str) -> str:
+    """One line from a compiler error: Triton's ``CompilationError`` puts the source excerpt first and the
+    reason last ("at 25:14: ... Input shapes should have M >= 1, N >= 1 and K >= 16")."""
+    lines = [ln.strip() for ln in (error or "").splitlines() if ln.strip()]
+    if not lines:
+        return "unknown"
+    if len(lines) == 1:
+        return lines[0]
+    return f"{lines[-1]} ({lines[0].rstrip(':')})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing what the compilers say
+
+
+def parse_cuobjdump(text: str) -> dict:
+    """``cuobjdump --dump-resource-usage`` -> {"registers", "stack", "static_shared", "local"}."""
+    out = {}
+    for key, name in (("REG", "registers"), ("STACK", "stack"), ("SHARED", "static_shared"), ("LOCAL", "local")):
+        m = re.search(rf"\b{key}:(\d+)", text)
+        if m:
+            out[name] = int(m.group(1))
+    return out
+
+
+def parse_ptxas(text: str) -> dict:
+    """``ptxas -v`` stderr -> {"registers", "stack", "spill_stores", "spill_loads"}."""
+    out = {}
+    if m := re.search(r"Used (\d+) registers", text):
+        out["registers"] = int(m.group(1))
+    if m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text):
+        out["stack"], out["spill_stores"], out["spill_loads"] = (int(g) for g in m.groups())
+    return out
+
+
+def parse_amdgcn(text: str) -> dict:
+    """AMDGCN assembly -> {"vgpr_count", "agpr_count", "sgpr_count", "vgpr_spill_count", "sgpr_spill_count",
+    "occupancy", "scratch"}. ``vgpr_count`` is the total a lane holds (architectural + accumulation VGPRs);
+    ``agpr_count`` comes from ``.agpr_count`` or, where this LLVM omits it, the ``; NumAgprs:`` comment."""
+    out = {}
+    for key in ("vgpr_count", "agpr_count", "sgpr_count", "vgpr_spill_count", "sgpr_spill_count"):
+        if m := re.search(rf"^\s*\.{key}:\s*(\d+)", text, re.M):
+            out[key] = int(m.group(1))
+    if "agpr_count" not in out and (m := re.search(r";\s*NumAgprs:\s*(\d+)", text)):
+        out["agpr_count"] = int(m.group(1))
+    if m := re.search(r";\s*NumVgprs:\s*(\d+)", text):
+        out["arch_vgpr_count"] = int(m.group(1))
+    if m := re.search(r";\s*Occupancy:\s*(\d+)", text):
+        out["occupancy"] = int(m.group(1))
+    if m := re.search(r";\s*ScratchSize:\s*(\d+)", text):
+        out["scratch"] = int(m.group(1))
+    return out
+
+
+def matrix_instruction(text: str, vendor: str) -> str:
+    if vendor == "nvidia":
+        return "wgmma" if "wgmma" in text else ("mma.sync" if "mma.sync" in text else "")
+    found = re.findall(r"\bv_mfma_\w+", text)
+    return max(set(found), key=found.count) if found else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiling one spec (inside a worker: the spec's function must be a real JITFunction)
+
+
+def _attr_paths(fn, attrs: dict) -> dict:
+    out = {}
+    for k, v in attrs.items():
+        out[(fn.arg_names.index(k),) if isinstance(k, str) else tuple(k)] = v
+    return out
+
+
+def _nvidia_tool(name: str, arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    return ptxas if name == "ptxas" else str(Path(ptxas).with_name(name))
+
+
+def compile_one(spec: CompileSpec, target: Target, module: str = "") -> CompileResult:
+    import triton
+    from triton.compiler import ASTSource
+
+    kernel = getattr(spec.fn, "__name__", str(spec.fn))
+    r = CompileResult(spec.name, kernel, module, target.name, shared_limit=target.shared_limit,
+                      num_warps=spec.num_warps, num_stages=spec.num_stages)
+    t0 = time.perf_counter()
+    try:
+        if not hasattr(spec.fn, "cache_key"):
+            raise TypeError(f"{kernel} is a {type(spec.fn).__name__}, not a compilable @triton.jit function "
+                            "(was TRITON_INTERPRET=1 set when it was defined?)")
+        src = ASTSource(spec.fn, dict(spec.signature), constexprs=dict(spec.constexprs),
+                        attrs=_attr_paths(spec.fn, spec.attrs))
+        options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, **spec.options}
+        k = triton.compile(src, target=target.gpu_target(), options=options)
+    except Exception as exc:  # noqa: BLE001 - every compiler failure is a result, not a crash
+        r.seconds = time.perf_counter() - t0
+        r.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        return r
+    r.ok = True
+    r.shared = int(getattr(k.metadata, "shared", 0) or 0)
+    if target.vendor == "nvidia":
+        r.matrix = matrix_instruction(k.asm.get("ptx", ""), "nvidia")
+        with tempfile.TemporaryDirectory() as d:
+            cubin = Path(d) / "k.cubin"
+            cubin.write_bytes(k.asm["cubin"])
+            p = subprocess.run([_nvidia_tool("cuobjdump", target.arch), "--dump-resource-usage", str(cubin)],
+                               capture_output=True, text=True)
+            usage = parse_cuobjdump(p.stdout)
+            r.registers, r.stack = usage.get("registers", 0), usage.get("stack", 0)
+            if r.stack:  # a stack frame: ask ptxas how much of it is spills
+                ptx = Path(d) / "k.ptx"
+                ptx.write_text(k.asm["ptx"])
+                arch = f"sm_{target.arch}a" if target.arch >= 90 else f"sm_{target.arch}"
+                p = subprocess.run([_nvidia_tool("ptxas", target.arch), "-v", f"--gpu-name={arch}", str(ptx),
+                                    "-o", str(Path(d) / "k.o")], capture_output=True, text=True)
+                info = parse_ptxas(p.stderr)
+                r.spill_bytes = info.get("spill_stores", -1)
+    else:
+        gcn = k.asm.get("amdgcn", "")
+        info = parse_amdgcn(gcn)
+        r.registers = info.get("vgpr_count", 0)
+        r.agpr = info.get("agpr_count", 0)
+        r.vgpr = info.get("arch_vgpr_count", r.registers - r.agpr)
+        r.sgpr = info.get("sgpr_count", 0)
+        r.vgpr_spill, r.sgpr_spill = info.get("vgpr_spill_count", 0), info.get("sgpr_spill_count", 0)
+        r.occupancy, r.stack = info.get("occupancy", 0), info.get("scratch", 0)
+        r.matrix = matrix_instruction(gcn, "amd")
+    r.seconds = time.perf_counter() - t0
+    return r
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the specs
+
+
+def kernel_modules() -> list[str]:
+    """Every module in triton_moe/kernels/, found from the files (nothing is imported here)."""
+    return [f"triton_moe.kernels.{m.name}" for m in sorted(pkgutil.iter_modules([str(KERNELS_DIR)]), key=lambda m: m.name)
+            if not m.name.startswith("_")]
+
+
+def default_sources() -> list[str]:
+    return [f"{m}:compile_specs" for m in kernel_modules()]
+
+
+def _select(specs: list[CompileSpec], subset: str) -> list[CompileSpec]:
+    if subset == "all":
+        return specs
+    if subset == "ci":
+        bf16 = [s for s in specs if not any(str(v).endswith("fp16") for v in s.signature.values())]
+        return bf16 or specs
+    raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+
+
+def load_specs(source: str, subset: str = "all") -> tuple[list[CompileSpec], str]:
+    """``"module:function"`` -> (the specs it returns, a note). A module without ``compile_specs`` gives no
+    specs and a note naming the @triton.jit functions it defines (they escape the check)."""
+    module, _, func = source.partition(":")
+    mod = importlib.import_module(module)
+    fn = getattr(mod, func or "compile_specs", None)
+    if fn is None:
+        jitted = sorted(k for k, v in vars(mod).items() if hasattr(v, "arg_names") and getattr(v, "__module__", None) == mod.__name__)
+        return [], (f"{module} has no {func or 'compile_specs'}()" + (f"; its kernels {', '.join(jitted)} are not checked" if jitted else ""))
+    specs = list(fn())
+    for s in specs:
+        if not isinstance(s, CompileSpec):
+            raise TypeError(f"{source} returned a {type(s).__name__}, expected CompileSpec")
+    return _select(specs, subset), ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers
+
+
+def _worker(sources: list[str], targets: list[str], shard: int, shards: int, subset: str, out: Path) -> int:
+    """Compile this worker's share of (spec, target) pairs; write one JSON line per event to ``out``."""
+    os.environ.pop("TRITON_INTERPRET", None)  # triton_moe.mode set it (no GPU here); kernels must be real
+    from triton import knobs
+
+    if getattr(knobs.runtime, "interpret", False):
+        raise RuntimeError("TRITON_INTERPRET is still on in the cross-compile worker")
+    pairs = []
+    with open(out, "a") as f:
+        def emit(**kw):
+            f.write(json.dumps(kw) + "\n")
+            f.flush()
+
+        for source in sources:
+            try:
+                specs, note = load_specs(source, subset)
+            except Exception as exc:  # noqa: BLE001
+                if shard == 0:
+                    emit(event="source_error", source=source, error=f"{type(exc).__name__}: {exc}"[:2000])
+                continue
+            if note and shard == 0:
+                emit(event="note", source=source, note=note)
+            module = source.partition(":")[0]
+            for s in specs:
+                vendors = tuple(s.vendors) or ("nvidia", "amd")
+                pairs += [(module, s, TARGETS[t]) for t in targets if TARGETS[t].vendor in vendors]
+        for i, (module, spec, target) in enumerate(pairs):
+            if i % shards != shard:
+                continue
+            emit(event="start", spec=spec.name, target=target.name, module=module,
+                 kernel=getattr(spec.fn, "__name__", "?"))
+            emit(event="result", **asdict(compile_one(spec, target, module)))
+    return 0
+
+
+def _env_for_workers(cache_dir: Path) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_check(sources: list[str] | None = None, targets: list[str] | None = None, subset: str = "all",
+              jobs: int | None = None, cache_dir: Path | str | None = None, lessons: list[str] = (),
+              timeout: float = 1800) -> tuple[list[CompileResult], list[str]]:
+    """Compile every spec of ``sources`` ("module:function"; default: every kernel module's
+    ``compile_specs``) for ``targets`` in ``jobs`` worker processes.
+
+    Returns (results, errors): ``errors`` are problems that are no compile result (a module that failed to
+    import, a worker that crashed); notes about modules without specs start with "note:". ``lessons`` are
+    sources whose failures are expected (shown in the report, never counted)."""
+    sources = list(sources) if sources is not None else default_sources()
+    targets = list(targets or TARGETS)
+    for t in targets:
+        if t not in TARGETS:
+            raise ValueError(f"unknown target {t!r}; known: {', '.join(TARGETS)}")
+    jobs = jobs or max(1, min(2, os.cpu_count() or 1))
+    cache_dir = Path(cache_dir or os.environ.get("TRITON_MOE_CC_CACHE", DEFAULT_CACHE))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    results, errors = [], []
+    groups = [(sources, False)] + ([(list(lessons), True)] if lessons else [])
+    for srcs, is_lesson in groups:
+        if not srcs:
+            continue
+        r, e = _run_workers(srcs, targets, subset, jobs, cache_dir, timeout)
+        for x in r:
+            x.lesson = is_lesson
+        results += r
+        errors += [] if is_lesson else e
+    return results, errors
+
+
+def _run_workers(sources, targets, subset, jobs, cache_dir, timeout):
+    env = _env_for_workers(cache_dir)
+    with tempfile.TemporaryDirectory(prefix="triton_moe_cc_") as d:
+        procs = []
+        for i in range(jobs):
+            out = Path(d) / f"w{i}.jsonl"
+            out.touch()
+            cmd = [sys.executable, "-m", "triton_moe.crosscompile", "_worker", str(out), str(i), str(jobs), subset,
+                   ",".join(targets), *sources]
+            procs.append((subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True), out))
+        results, errors = [], []
+        deadline = time.monotonic() + timeout
+        for p, out in procs:
+            try:
+                log, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                log, _ = p.communicate()
+                errors.append(f"a cross-compile worker ran past {timeout:.0f} s and was stopped")
+            started = None
+            for line in out.read_text().splitlines():
+                ev = json.loads(line)
+                kind = ev.pop("event")
+                if kind == "start":
+                    started = ev
+                elif kind == "result":
+                    results.append(CompileResult(**ev))
+                    started = None
+                elif kind == "source_error":
+                    errors.append(f"{ev['source']}: {ev['error']}")
+                elif kind == "note":
+                    errors.append(f"note: {ev['note']}")
+            if p.returncode != 0:
+                tail = (log or "").strip().splitlines()[-3:]
+                if started:  # the compiler died on this one
+                    results.append(CompileResult(started["spec"], started["kernel"], started["module"],
+                                                 started["target"], shared_limit=TARGETS[started["target"]].shared_limit,
+                                                 error=f"the compiler crashed (worker exit code {p.returncode}): "
+                                                       + " | ".join(tail)))
+                else:
+                    errors.append(f"a cross-compile worker failed (exit code {p.returncode}): " + " | ".join(tail))
+    order = {t: i for i, t in enumerate(TARGETS)}
+    results.sort(key=lambda r: (r.module, r.kernel, r.spec, order.get(r.target, 99)))
+    return results, errors
+
+
+def failures(results: list[CompileResult], errors: list[str]) -> list[str]:
+    """Every reason the check fails, one line each (lessons and notes excluded)."""
+    out = [e for e in errors if not e.startswith("note:")]
+    out += [f"{r.spec} on {r.target}: {p}" for r in results if not r.lesson for p in r.problems()]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:.1f} KB" if n else "0"
+
+
+def _row(r: CompileResult) -> str:
+    t = TARGETS[r.target]
+    if not r.ok:
+        err = error_summary(r.error)[:160].replace("|", "\\|")
+        return f"| {r.spec} | **compile error** | | | | | {err} |"
+    if t.vendor == "nvidia":
+        regs = str(r.registers)
+        spills = f"{r.spill_bytes} B" if r.spill_bytes else ("0" if not r.stack else f"stack {r.stack} B")
+        occ = ""
+    else:
+        regs = f"{r.registers} ({r.vgpr} V + {r.agpr} A), {r.sgpr} S"
+        spills = ", ".join(f"{n} {k}" for n, k in ((r.vgpr_spill, "VGPR"), (r.sgpr_spill, "SGPR")) if n) or "0"
+        occ = str(r.occupancy) if r.occupancy else ""
+    shared = f"{_kb(r.shared)} ({100 * r.shared / r.shared_limit:.0f}%)"
+    probs = r.problems()
+    verdict = "ok" if not probs else "**" + "; ".join(p.split(" > ")[0] if "needs" in p else p for p in probs) + "**"
+    if probs and any("needs" in p for p in probs):
+        verdict = verdict.replace("needs", "overflow: needs")
+    return f"| {r.spec} | {verdict} | {regs} | {spills} | {shared} | {r.matrix or '-'} | {occ} |"
+
+
+def _table(rs: list[CompileResult], target: Target) -> list[str]:
+    unit = "LDS" if target.vendor == "amd" else "shared"
+    regs = "VGPRs per lane (arch + acc), SGPRs" if target.vendor == "amd" else "registers / thread"
+    occ = "waves / SIMD" if target.vendor == "amd" else ""
+    lines = [f"**{target.name}** ({target.gpu}, {'wavefront' if target.vendor == 'amd' else 'warp'} "
+             f"{target.warp_size}, {unit} limit {_kb(target.shared_limit)} per "
+             f"{'workgroup' if target.vendor == 'amd' else 'block'})", "",
+             f"| spec | result | {regs} | spills | {unit} (of limit) | matrix instr | {occ} |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    return lines + [_row(r) for r in rs] + [""]
+
+
+def format_report(results: list[CompileResult], errors: list[str], command: str = "", seconds: float = 0.0,
+                  subset: str = "all") -> str:
+    import triton
+
+    fails = failures(results, errors)
+    checked = [r for r in results if not r.lesson]
+    lines = ["# Cross-compilation report", "",
+             "Every kernel spec (`compile_specs()` of each `triton_moe/kernels/*.py`) compiled on a CPU with "
+             "`triton.compile` for NVIDIA sm_90 / sm_80 and AMD gfx942 / gfx90a. Nothing here ran on a GPU: "
+             "these are compiler outputs (registers, spills, shared memory / LDS, matrix instructions), not "
+             "timings. Generated by `triton_moe/crosscompile.py`; see chapter 6.", "",
+             f"- command: `{command or 'python -m triton_moe.crosscompile --report docs/compile-report.md'}`",
+             f"- triton {triton.__version__}, {_dt.date.today().isoformat()}, subset `{subset}`: "
+             f"{len({r.spec for r in checked})} specs, {len(checked)} compiles"
+             + (f" in {seconds:.0f} s" if seconds else ""),
+             f"- verdict: **{'PASS' if not fails else 'FAIL'}**" + (f" ({len(fails)} problems)" if fails else ""),
+             "", "How to read it: a spec fails if it does not compile, spills registers to memory, or needs more "
+             "shared memory / LDS than one block / workgroup may use. NVIDIA registers come from `cuobjdump` "
+             "(spilled bytes from `ptxas -v`), AMD numbers from the AMDGCN metadata; occupancy (waves per SIMD) "
+             "is the AMD compiler's own estimate.", ""]
+    notes = [e[len("note: "):] for e in errors if e.startswith("note:")]
+    other = [e for e in errors if not e.startswith("note:")]
+    if other:
+        lines += ["## Errors", ""] + [f"- {e.splitlines()[0][:300]}" for e in other] + [""]
+    if notes:
+        lines += ["## Modules without specs", ""] + [f"- {n}" for n in notes] + [""]
+    for lesson in (False, True):
+        rs = [r for r in results if r.lesson == lesson]
+        if not rs:
+            continue
+        if lesson:
+            lines += ["## Lessons: configs expected to fail (not part of the check)", "",
+                      "Planted configs that chapter 6 reads; the tests prove the check rejects them.", ""]
+        for (module, kernel) in dict.fromkeys((r.module, r.kernel) for r in rs):
+            lines += [f"{'###' if lesson else '##'} `{kernel}` ({module.replace('.', '/')}.py)", ""]
+            for t in TARGETS.values():
+                sub = [r for r in rs if r.module == module and r.kernel == kernel and r.target == t.name]
+                if sub:
+                    lines += _table(sub, t)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(path: Path, results: list[CompileResult], errors: list[str], **kw) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(format_report(results, errors, **kw))
+    path.with_suffix(".json").write_text(json.dumps(
+        {"errors": errors, "results": [asdict(r) for r in results]}, indent=0) + "\n")
+
+
+def load_report(path: Path | str) -> list[CompileResult]:
+    """The results of a committed report (its ``.json`` twin)."""
+    data = json.loads(Path(path).with_suffix(".json").read_text())
+    return [CompileResult(**r) for r in data["results"]]
+
+
+LESSON_SOURCES = ["triton_moe.kernels.portability_demo:planted_spill_specs",
+                  "triton_moe.kernels.portability_demo:planted_nvidia_spill_specs",
+                  "triton_moe.kernels.portability_demo:planted_overflow_specs",
+                  "triton_moe.kernels.portability_demo:planted_error_specs"]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_worker"]:
+        out, shard, shards, subset, targets, *sources = argv[1:]
+        return _worker(sources, targets.split(","), int(shard), int(shards), subset, Path(out))
+    ap = argparse.ArgumentParser(prog="python -m triton_moe.crosscompile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", type=Path, help="write a markdown report here (and its .json twin)")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, default all four")
+    ap.add_argument("--source", action="append", help="module:function returning specs (default: every kernel "
+                                                      "module's compile_specs); repeatable")
+    ap.add_argument("--subset", choices=SUBSETS, default="all")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: min(2, cores))")
+    ap.add_argument("--lessons", action="store_true", help="also compile chapter 6's planted failing configs "
+                                                          "(reported, never counted)")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    results, errors = run_check(a.source, a.targets.split(","), a.subset, a.jobs,
+                                lessons=LESSON_SOURCES if a.lessons else ())
+    dt = time.perf_counter() - t0
+    for r in results:
+        probs = r.problems()
+        tag = "lesson" if r.lesson else ("FAIL" if probs else "ok")
+        print(f"{tag:6s} {r.target:7s} {r.spec}: " + ("; ".join(probs) if probs else
+              f"regs {r.registers}, shared {r.shared} B, {r.matrix or 'no matrix instr'}"))
+    for e in errors:
+        print(e.splitlines()[0])
+    fails = failures(results, errors)
+    if a.report:
+        cmd = "python -m triton_moe.crosscompile " + " ".join(argv)
+        write_report(a.report, results, errors, command=cmd.strip(), seconds=dt, subset=a.subset)
+        print(f"wrote {a.report} and {a.report.with_suffix('.json')}")
+    n = len([r for r in results if not r.lesson])
+    print(f"{n} compiles in {dt:.1f} s: " + ("PASS" if not fails else f"FAIL ({len(fails)} problems)"))
+    for f in fails:
+        print("  " + f.splitlines()[0])
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, not this __main__ copy: kernel modules build their specs with
+    # triton_moe.crosscompile.CompileSpec, and isinstance checks must see that one class.
+    from triton_moe.crosscompile import main as _main
+
+    sys.exit(_main())
