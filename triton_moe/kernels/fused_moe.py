@@ -120,9 +120,14 @@ def fused_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
         raise ValueError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     cfg_up = pick_config("fused_gate_up", M, H, F, E, top_k)
     cfg_down = with_block_m(pick_config("down_combine", M, H, F, E, top_k), cfg_up.BLOCK_M)
+    ### BEGIN SOLUTION
+    # HINT: one dispatch with the gate+up config's BLOCK_M: dispatch(topk_ids, E, cfg_up.BLOCK_M) -> 3 tensors
+    # HINT: h = fused_gate_up(x, w1, w3, <the 3 tensors>, top_k, cfg_up)
+    # HINT: return down_combine(h, w2, topk_weights, <the 3 tensors>, deterministic, cfg_down, out)
     sorted_token_ids, expert_ids, num_post = dispatch(topk_ids, E, cfg_up.BLOCK_M)
     h = fused_gate_up(x, w1, w3, sorted_token_ids, expert_ids, num_post, top_k, cfg_up)
     return down_combine(h, w2, topk_weights, sorted_token_ids, expert_ids, num_post, deterministic, cfg_down, out)
+    ### END SOLUTION
 
 
 def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,

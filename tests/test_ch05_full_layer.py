@@ -1,0 +1,60 @@
+"""Chapter 5: the down+combine and fused_experts checkers pass the solution, call the untouched exercise "not
+attempted", and reject planted bugs with a message that names them."""
+import pytest
+
+from notebook_helpers import check, exercise_ns, planted_ns, solution_ns
+
+DOWN, LAYER = "05:down_combine", "05:fused_experts"
+
+
+@pytest.mark.parametrize("key", [DOWN, LAYER])
+def test_solution_passes(key):
+    r = check(key, solution_ns("05"))
+    assert r.passed, str(r)
+
+
+@pytest.mark.parametrize("key", [DOWN, LAYER])
+def test_untouched_exercise_is_not_attempted(key):
+    r = check(key, exercise_ns("05"))
+    assert r.status == "not attempted", str(r)
+
+
+SCALE = "acc = acc * weight[:, None]"
+ATOMIC = ('tl.atomic_add(acc_ptr + token[:, None] * stride_am + offs_n[None, :] * stride_an, acc, mask=mask,\n'
+          '                      sem="relaxed")')
+
+DOWN_BUGS = {
+    "missing-weight": ([(SCALE, "acc = acc * 1.0")], "WITHOUT the routing weights"),
+    "weight-twice": ([(SCALE, "acc = acc * weight[:, None] * weight[:, None]")], "applied twice"),
+    "dropped-slot": ([("row_mask = slot < num_slots\n", "row_mask = slot < num_slots - 1\n")], "missing the contribution"),
+    "store-not-add": ([(ATOMIC, "tl.store(acc_ptr + token[:, None] * stride_am + offs_n[None, :] * stride_an, acc, mask=mask)")],
+                      "exactly ONE"),
+    "dropped-tokens": ([("    mask = row_mask[:, None] & (offs_n[None, :] < N)\n",
+                         "    mask = row_mask[:, None] & (offs_n[None, :] < N) & (slot[:, None] >= 2 * top_k)\n")],
+                       "no contribution at all"),
+}
+
+
+@pytest.mark.parametrize("name", list(DOWN_BUGS))
+def test_down_combine_bug_is_rejected(name):
+    replace, expect = DOWN_BUGS[name]
+    r = check(DOWN, planted_ns("05", *replace))
+    assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+CALL = "return down_combine(h, w2, topk_weights, sorted_token_ids"
+LAYER_BUGS = {
+    "no-weights": ([(CALL, "return down_combine(h, w2, torch.ones_like(topk_weights), sorted_token_ids")],
+                   "WITHOUT the routing weights"),
+    "weights-squared": ([(CALL, "return down_combine(h, w2, topk_weights * topk_weights, sorted_token_ids")],
+                        "applied twice"),
+    "gate-up-swapped": ([("h = fused_gate_up(x, w1, w3, sorted_token_ids", "h = fused_gate_up(x, w3, w1, sorted_token_ids")],
+                        "swapped"),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYER_BUGS))
+def test_fused_experts_bug_is_rejected(name):
+    replace, expect = LAYER_BUGS[name]
+    r = check(LAYER, planted_ns("05", *replace))
+    assert r.status == "failed" and expect in (r.message + r.hint), str(r)

@@ -1,0 +1,133 @@
+"""Chapter 4 checker: the fused gate+up SwiGLU kernel (its K loop and its epilogue).
+
+The learner's host function ``fused_gate_up(x, w1, w3, sorted_token_ids, expert_ids, num_tokens_post_padded,
+top_k, config=None, out=None)`` runs on a reference dispatch into a NaN-poisoned output; every slot's row is
+compared with ``silu(x W1[e]^T) * (x W3[e]^T)`` in float64. On a mismatch the checker tries the usual
+mistakes (gate and up swapped, silu on the wrong operand, the activation inside the K loop, the wrong
+expert) and names the one that reproduces the output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..checking import CheckFailure, compare, exercise, expect_tensor, poisoned, ranges, relative_error, tolerance
+from ..configs import KernelConfig
+from ..mode import ON_GPU, default_dtype, device
+from ..reference import make_problem, sorted_dispatch_reference
+from ..shapes import MoEShape, shape_for_mode
+
+# K and N tails: hidden = 80 is no multiple of BLOCK_K, ffn = 96 none of BLOCK_N.
+ODD = MoEShape("odd sizes (K and N tails)", hidden=80, ffn=96, experts=4, top_k=2)
+BLOCK_K = 64 if ON_GPU else 32   # several K steps, so an activation inside the loop shows
+
+
+def case_config(block_m: int = 16) -> KernelConfig:
+    """The launch config the checker passes (several K iterations on purpose)."""
+    return KernelConfig(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=BLOCK_K, GROUP_M=4, num_warps=4,
+                        num_stages=3 if ON_GPU else 1)
+
+
+def cases():
+    return (("mixtral", shape_for_mode("mixtral"), 1, "uniform"),
+            ("odd", ODD, 37, "empty"),
+            ("qwen3", shape_for_mode("qwen3"), 24, "skewed"))
+
+
+def projections(x, w1, w3, topk_ids):
+    """float64 gate and up projections of every slot: ([S, ffn], [S, ffn])."""
+    M, k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    tok = torch.arange(M * k, device=x.device) // k
+    xd = x.detach().double()
+    g = torch.zeros(M * k, w1.shape[1], dtype=torch.float64, device=x.device)
+    u = torch.zeros_like(g)
+    for e in torch.unique(flat).tolist():
+        s = (flat == e).nonzero().flatten()
+        g[s] = xd[tok[s]] @ w1[e].double().T
+        u[s] = xd[tok[s]] @ w3[e].double().T
+    return g.cpu(), u.cpu()
+
+
+def chunked(x, w1, w3, topk_ids, block_k: int):
+    """The activation applied inside the K loop: per K block c, silu(g_c) * u_c summed over the blocks
+    (``h += ...`` in the loop), and the last block's alone (``h = ...`` in the loop)."""
+    H = x.shape[1]
+    total = last = None
+    for k0 in range(0, H, block_k):
+        sl = slice(k0, min(H, k0 + block_k))
+        g, u = projections(x[:, sl], w1[:, :, sl], w3[:, :, sl], topk_ids)
+        part = F.silu(g) * u
+        total = part if total is None else total + part
+        last = part
+    return total, last
+
+
+def diagnose(out, x, w1, w3, topk_ids, tol, block_k: int) -> str:
+    got = out.detach().double().cpu()
+    g, u = projections(x, w1, w3, topk_ids)
+    candidates = [
+        (F.silu(u) * g, "gate and up are swapped: silu belongs on the gate projection W1 x (acc_gate), which then "
+                        "multiplies the up projection W3 x (acc_up) -- silu was applied to up (or w1/w3 swapped)"),
+        (F.silu(g) * F.silu(u), "silu was applied to the up projection too: only the gate gets silu, h = silu(gate) * up"),
+        (F.silu(g * u), "silu was applied to the product: h = silu(gate) * up, not silu(gate * up)"),
+        (g * u, "the output is gate * up with no silu: apply silu(g) = g * sigmoid(g) to the gate accumulator"),
+        (F.silu(g), "the output is silu(gate) alone: multiply it by the up accumulator"),
+        (g, "the output is the gate projection alone: no activation, no up"),
+    ]
+    for cand, hint in candidates:
+        if relative_error(got, cand) <= tol:
+            return hint
+    for bk in sorted({block_k, 16, 32, 64, 128}):
+        if bk >= x.shape[1]:
+            continue
+        total, last = chunked(x, w1, w3, topk_ids, bk)
+        if relative_error(got, total) <= tol or relative_error(got, last) <= tol:
+            return (f"the output matches silu applied to partial sums inside the K loop (BLOCK_K = {bk}): silu is "
+                    "not linear, so accumulate acc_gate and acc_up over ALL of K first and apply the activation "
+                    "once, after the loop (the epilogue)")
+    E = w1.shape[0]
+    for shift in (1, -1):
+        g2, u2 = projections(x, w1, w3, (topk_ids.long() + shift) % E)
+        if relative_error(got, F.silu(g2) * u2) <= tol:
+            return f"the output matches expert e{shift:+d}'s weights for expert e: an off-by-one expert index"
+    return ""
+
+
+@exercise("04", "fused_gate_up", points=3, kernels=("fused_gate_up_kernel",),
+          hint="in the K loop load the x tile once and a W1 and a W3 tile, accumulate two tl.dot products in fp32; "
+               "after the loop h = silu(acc_gate) * acc_up")
+def check_fused_gate_up(fn, seed):
+    dtype = default_dtype()
+    tol = tolerance(dtype)
+    dev = device()
+    done = []
+    for i, (name, shape, tokens, routing) in enumerate(cases()):
+        p = make_problem(shape, tokens, dtype, dev, seed + i, routing)
+        k, E = shape.top_k, shape.experts
+        cfg = case_config()
+        st, ei, npp = sorted_dispatch_reference(p.topk_ids, E, cfg.BLOCK_M)
+        out = poisoned((tokens * k, shape.ffn), dtype, dev)
+        got = fn(p.x, p.w1, p.w3, st, ei, npp, k, config=cfg, out=out)
+        expect_tensor("fused_gate_up's result", got, (tokens * k, shape.ffn), dtype, dev)
+        g, u = projections(p.x, p.w1, p.w3, p.topk_ids)
+        ref = F.silu(g) * u
+        flat = p.topk_ids.reshape(-1).tolist()
+        label = lambda s: f"slot {s} (token {s // k}, expert {flat[s]})"  # noqa: E731
+        where = f"{name}, M={tokens}, top-{k} of {E} experts, {routing} routing"
+        try:
+            compare("intermediate h", got, ref, dtype, label)
+        except CheckFailure as exc:
+            if "NaN" in exc.message:
+                nan_slots = torch.isnan(got.detach().double().cpu()).any(dim=1).nonzero().flatten().tolist()
+                experts = sorted({flat[s] for s in nan_slots})
+                whole = [e for e in experts if all(s in set(nan_slots) for s in range(len(flat)) if flat[s] == e)]
+                hint = exc.hint
+                if whole:
+                    hint = (f"every slot of expert(s) {whole} was left unwritten (slots {ranges(nan_slots)}): is the grid "
+                            "or the early exit skipping their blocks, or the store mask dropping rows? " + exc.hint)
+                raise CheckFailure(f"{where}: {exc.message}", hint) from None
+            hint = diagnose(got, p.x, p.w1, p.w3, p.topk_ids, tol, cfg.BLOCK_K)
+            raise CheckFailure(f"{where}: {exc.message}", hint or exc.hint) from None
+        done.append(f"{name} M={tokens} {routing}")
+    return done

@@ -1,0 +1,148 @@
+"""Chapter 5 checkers: the down projection's epilogue (routing weight + combine, atomic and deterministic) and
+the whole layer assembled from the chapters' pieces (``fused_experts``).
+
+``down_combine(h, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded, deterministic,
+config, out)`` runs on a float64-exact intermediate (the SwiGLU reference rounded to the input dtype) and a
+reference dispatch, into a NaN-poisoned output, in both combine modes; it is compared with
+``sum_j w_j * h[slot_j] W2[e_j]^T`` in float64. A mismatch is matched against the usual bugs: a missing or
+doubled routing weight, a dropped expert, slot or token, rows that overwrite instead of adding.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..checking import CheckFailure, compare, exercise, expect_tensor, poisoned, ranges, relative_error, tolerance
+from ..configs import KernelConfig
+from ..mode import ON_GPU, default_dtype, device
+from ..reference import expert_contributions, make_problem, moe_reference, sorted_dispatch_reference
+from ..shapes import shape_for_mode
+from .ch04_fused_gate_up import ODD, projections
+from .common import diagnose_combine
+
+BLOCK_K = 64 if ON_GPU else 32
+
+
+def case_config(split_k: int = 1, block_m: int = 16) -> KernelConfig:
+    return KernelConfig(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=BLOCK_K, GROUP_M=4, num_warps=4,
+                        num_stages=3 if ON_GPU else 1, extra={"SPLIT_K": split_k})
+
+
+def intermediate(p):
+    """The SwiGLU intermediate of every slot, rounded to the input dtype (what chapter 4's kernel writes)."""
+    g, u = projections(p.x, p.w1, p.w3, p.topk_ids)
+    return (torch.nn.functional.silu(g) * u).to(p.x.dtype).to(p.x.device)
+
+
+def weighted_rows(h, w2, topk_weights, topk_ids):
+    """float64 [M, k, hidden]: routing weight * (h[slot] @ W2[e].T) for every (token, slot j)."""
+    M, k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    y = torch.zeros(M * k, w2.shape[1], dtype=torch.float64, device=h.device)
+    for e in torch.unique(flat).tolist():
+        s = (flat == e).nonzero().flatten()
+        y[s] = h[s].double() @ w2[e].double().T
+    return (y.view(M, k, -1) * topk_weights.double()[:, :, None]).cpu()
+
+
+def diagnose_down(got, C, topk_weights, topk_ids, tol) -> str:
+    out = got.detach().double().cpu()
+    ref = C.sum(1)
+    zero = (out.abs().amax(dim=1) == 0) & (ref.abs().amax(dim=1) > 0)
+    if zero.any():
+        t = zero.nonzero().flatten().tolist()
+        return (f"token(s) {ranges(t)} received no contribution at all (their rows are exactly 0): rows were dropped; "
+                "check the epilogue's mask and the row each slot goes to (token = slot // top_k for the atomic add)")
+    M, k = topk_ids.shape
+    # most tokens holding exactly one of their contributions: rows overwrote each other
+    one = torch.stack([(out - C[:, j]).norm(dim=1) <= tol * C[:, j].norm(dim=1).clamp_min(1e-12)
+                       for j in range(k)], 1).any(dim=1)
+    if k > 1 and M >= 4 and one.float().mean() > 0.5:
+        return ("most tokens hold exactly ONE of their top-k contributions: the rows of a token overwrite each other "
+                "(tl.store where they must be added: tl.atomic_add into row slot // top_k, or per-slot rows + the sum)")
+    return diagnose_combine(out, C, topk_weights, topk_ids, tol)
+
+
+def cases():
+    return (("mixtral", shape_for_mode("mixtral"), 1, "uniform", 1),
+            ("odd", ODD, 37, "empty", 2),
+            ("qwen3", shape_for_mode("qwen3"), 24, "skewed", 1))
+
+
+@exercise("05", "down_combine", points=3, kernels=("down_combine_kernel",),
+          hint="after the K loop: weight = tl.load(topk_weights_ptr + slot, mask=row_mask, other=0.0); acc *= weight[:, None]; "
+               "ATOMIC: tl.atomic_add at row slot // top_k, else tl.store at row slot")
+def check_down_combine(fn, seed):
+    dtype = default_dtype()
+    tol = tolerance(dtype)
+    dev = device()
+    done, failures = [], []
+    for i, (name, shape, tokens, routing, split_k) in enumerate(cases()):
+        p = make_problem(shape, tokens, dtype, dev, seed + i, routing)
+        k = shape.top_k
+        h = intermediate(p)
+        cfg = case_config(split_k)
+        d = sorted_dispatch_reference(p.topk_ids, shape.experts, cfg.BLOCK_M)
+        C = weighted_rows(h, p.w2, p.topk_weights, p.topk_ids)
+        ref = C.sum(1)
+        for det in (False, True):
+            mode = "deterministic (per-slot rows + ordered sum)" if det else f"atomic combine, split-K {split_k}"
+            where = f"{name}, M={tokens}, top-{k} of {shape.experts} experts, {routing} routing, {mode}"
+            out = poisoned((tokens, shape.hidden), dtype, dev)
+            got = fn(h, p.w2, p.topk_weights, *d, det, config=cfg, out=out)
+            expect_tensor("down_combine's result", got, (tokens, shape.hidden), dtype, dev)
+            label = lambda t, ids=p.topk_ids: f"token {t} / experts {ids[t].tolist()}"  # noqa: E731
+            try:
+                compare("output", got, ref, dtype, label)
+            except CheckFailure as exc:
+                failures.append((tokens, where, exc, got, C, p.topk_weights, p.topk_ids))
+                break
+            if det and i == 0:
+                again = fn(h, p.w2, p.topk_weights, *d, True, config=cfg)
+                if not torch.equal(again, got):
+                    raise CheckFailure(f"{where}: two runs on the same input differ "
+                                       f"(max difference {float((again.double() - got.double()).abs().max()):.3g})",
+                                       hint="deterministic mode must not use atomics: store each slot's row, then sum "
+                                            "each token's rows in a fixed order")
+        else:
+            done.append(f"{name} M={tokens} {routing} (atomic + deterministic)")
+    if failures:
+        # diagnose the largest failing case first: with one token, a dropped row and an overwrite look alike
+        failures.sort(key=lambda f: -f[0])
+        others = f" ({len(failures)} of {len(cases())} cases fail)" if len(failures) > 1 else ""
+        for tokens, where, exc, got, C, tw, ti in failures:
+            if "NaN" in exc.message:
+                raise CheckFailure(f"{where}: {exc.message}", exc.hint)
+            hint = diagnose_down(got, C, tw, ti, tol)
+            if hint:
+                raise CheckFailure(f"{where}: {exc.message}{others}", hint)
+        tokens, where, exc = failures[0][:3]
+        raise CheckFailure(f"{where}: {exc.message}{others}", exc.hint)
+    return done
+
+
+@exercise("05", "fused_experts", points=1,
+          hint="dispatch with the gate+up config's BLOCK_M, then fused_gate_up, then down_combine on the same dispatch")
+def check_fused_experts(fn, seed):
+    dtype = default_dtype()
+    tol = tolerance(dtype)
+    dev = device()
+    done = []
+    for i, (name, tokens, routing) in enumerate((("mixtral", 5, "uniform"), ("qwen3", 20, "skewed"))):
+        shape = shape_for_mode(name)
+        p = make_problem(shape, tokens, dtype, dev, seed + i, routing)
+        got = fn(p.x, p.topk_weights, p.topk_ids, p.w1, p.w3, p.w2)
+        expect_tensor("fused_experts' result", got, (tokens, shape.hidden), dtype, dev)
+        ref = moe_reference(p.x, p.topk_weights, p.topk_ids, p.w1, p.w3, p.w2)
+        where = f"{name}, M={tokens}, {routing} routing"
+        try:
+            compare("output", got, ref, dtype, lambda t: f"token {t} / experts {p.topk_ids[t].tolist()}")
+        except CheckFailure as exc:
+            if "NaN" in exc.message:
+                raise CheckFailure(f"{where}: {exc.message}", exc.hint) from None
+            C = expert_contributions(p.x, p.topk_weights, p.topk_ids, p.w1, p.w3, p.w2)
+            hint = diagnose_down(got, C, p.topk_weights, p.topk_ids, tol)
+            if not hint and relative_error(got, moe_reference(p.x, p.topk_weights, p.topk_ids, p.w3, p.w1, p.w2)) <= tol:
+                hint = "gate and up are swapped: fused_gate_up takes (x, w1, w3, ...): W1 is the gate, W3 the up"
+            raise CheckFailure(f"{where}: {exc.message}", hint or exc.hint) from None
+        done.append(f"{name} M={tokens} {routing}")
+    return done
