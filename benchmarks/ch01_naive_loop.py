@@ -55,7 +55,8 @@ def main():
         for M in sizes:
             args = (p.x[:M], p.topk_weights[:M], p.topk_ids[:M], p.w1, p.w3, p.w2)
             ms, method = bench_ms(lambda: moe_forward_loop(*args), graph=False)
-            row = make_row(meta, ceilings, shape, M, "ch01 loop (torch)", ms, method, torch.bfloat16, "uniform")
+            active = int(p.topk_ids[:M].unique().numel())
+            row = make_row(meta, ceilings, shape, M, "ch01 loop (torch)", ms, method, torch.bfloat16, "uniform", active)
             rows.append(row)
             print(f"{shape.name:22s} M={M:5d} {ms:8.3f} ms  floor {row['floor_ms']:.3f} ms  "
                   f"floor/time {row['floor_fraction']:.2f}")
