@@ -187,7 +187,7 @@ def moe_forward_grouped(x, topk_weights, topk_ids, w1, w3, w2, config=None):
     d = sorted_dispatch(topk_ids, w1.shape[0], cfg.BLOCK_M)
     gate = grouped_gemm(x, w1, *d, k, cfg)                    # [M * k, ffn], slot order
     up = grouped_gemm(x, w3, *d, k, cfg)
-    h = (F.silu(gate.float()) * up.float()).to(x.dtype)
+    h = F.silu(gate) * up                                     # in x's dtype, like torch._grouped_mm pipelines
     y = grouped_gemm(h, w2, *d, 1, cfg)                       # [M * k, hidden]: h has one row per slot
     return (y.view(M, k, -1).float() * topk_weights[:, :, None].float()).sum(dim=1).to(x.dtype)
 

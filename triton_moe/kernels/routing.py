@@ -20,8 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+import json
+from pathlib import Path
+
 from .. import validate
 from ..crosscompile import CompileSpec
+from ..mode import ON_GPU
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,8 +171,34 @@ def next_pow2(n: int) -> int:
 
 
 def tokens_per_program(E: int) -> int:
-    """Tokens per program: a [BLOCK_T, BLOCK_E] tile of about 4096 scores."""
+    """Default tokens per program: a [BLOCK_T, BLOCK_E] tile of about 4096 scores."""
     return max(1, min(64, 4096 // next_pow2(E)))
+
+
+TABLES = Path(__file__).resolve().parent.parent / "tables"
+
+
+def launch_table(vendor: str | None = None) -> dict:
+    """{kernel name: [(max_E, BLOCK_T, num_warps), ...]} from ``tables/routing.<vendor>.json`` (written by
+    ``benchmarks/tune_routing.py``); empty where none is committed (then the defaults apply)."""
+    if vendor is None:
+        if not ON_GPU:
+            return {}
+        vendor = "amd" if getattr(torch.version, "hip", None) else "nvidia"
+    path = TABLES / f"routing.{vendor}.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())["table"]
+    return {name: sorted((r["max_E"], r["BLOCK_T"], r["num_warps"]) for r in rows) for name, rows in data.items()}
+
+
+def launch_config(kernel: str, E: int) -> tuple[int, int]:
+    """(BLOCK_T tokens per program, num_warps) for a router kernel over E experts."""
+    rows = launch_table().get(kernel, [])
+    for max_e, block_t, warps in rows:
+        if E <= max_e:
+            return block_t, warps
+    return (rows[-1][1], rows[-1][2]) if rows else (tokens_per_program(E), 4)
 
 
 def check_logits(logits) -> None:
@@ -187,10 +217,11 @@ def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool = True):
     validate.top_k(top_k, E)
     weights = torch.empty(M, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(M, top_k, dtype=torch.int32, device=logits.device)
-    block_t = tokens_per_program(E)
+    block_t, warps = launch_config("topk_softmax", E)
     topk_softmax_kernel[(triton.cdiv(M, block_t),)](
         logits, weights, ids, M, E, logits.stride(0),
-        TOP_K=top_k, K_P2=next_pow2(top_k), RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=next_pow2(E))
+        TOP_K=top_k, K_P2=next_pow2(top_k), RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=next_pow2(E),
+        num_warps=warps)
     return weights, ids
 
 
@@ -215,11 +246,11 @@ def deepseek_v3_route(logits: torch.Tensor, correction_bias: torch.Tensor, top_k
         raise ValueError(f"top_k={top_k} experts cannot be chosen from {topk_group} groups of {E // n_group}")
     weights = torch.empty(M, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(M, top_k, dtype=torch.int32, device=logits.device)
-    block_t = tokens_per_program(E)
+    block_t, warps = launch_config("deepseek_v3_route", E)
     deepseek_v3_route_kernel[(triton.cdiv(M, block_t),)](
         logits, correction_bias, weights, ids, M, E, logits.stride(0), float(routed_scaling_factor),
         TOP_K=top_k, K_P2=next_pow2(top_k), N_GROUP=n_group, G_P2=next_pow2(n_group), TOPK_GROUP=topk_group,
-        BLOCK_T=block_t, BLOCK_E=next_pow2(E))
+        BLOCK_T=block_t, BLOCK_E=next_pow2(E), num_warps=warps)
     return weights, ids
 
 
@@ -237,25 +268,40 @@ def append_shared_expert(weights: torch.Tensor, ids: torch.Tensor, shared_id: in
 def compile_specs() -> list:
     """Both routers for every model of :data:`triton_moe.shapes.MODELS` and its CPU copy, bf16 and fp16
     logits (Mixtral/Qwen3: topk_softmax with and without renormalisation; DeepSeek-V3: its grouped router
-    with n_group=8, topk_group=4 at full size, 4 and 2 for the CPU copy)."""
+    with n_group=8, topk_group=4 at full size, 4 and 2 for the CPU copy), with the default launch config and
+    the one of every committed launch table."""
     from ..shapes import CPU_SHAPES, MODELS
 
-    specs = []
+    tables = [launch_table(p.stem.split(".")[-1]) for p in sorted(TABLES.glob("routing.*.json"))]
+    specs, seen = [], set()
     for key, shape in list(MODELS.items()) + [(k + " (cpu)", s) for k, s in CPU_SHAPES.items()]:
         E, k = shape.experts, shape.top_k
-        base = {"TOP_K": k, "K_P2": next_pow2(k), "BLOCK_T": tokens_per_program(E), "BLOCK_E": next_pow2(E)}
-        for dt in ("bf16", "fp16"):
-            if shape.router == "deepseek_v3":
-                n_group, topk_group = (8, 4) if E >= 64 else (4, 2)
-                const = {**base, "N_GROUP": n_group, "G_P2": next_pow2(n_group), "TOPK_GROUP": topk_group}
-                sig = {"logits_ptr": f"*{dt}", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i32",
-                       "M": "i32", "E": "i32", "stride_lm": "i32", "scale": "fp32", **{c: "constexpr" for c in const}}
-                specs.append(CompileSpec(f"deepseek_v3_route[{key}] {dt}", deepseek_v3_route_kernel, sig, const))
-                continue
-            for renorm in (True, False):
-                const = {**base, "RENORMALIZE": renorm}
-                sig = {"logits_ptr": f"*{dt}", "weights_ptr": "*fp32", "ids_ptr": "*i32", "M": "i32", "E": "i32",
-                       "stride_lm": "i32", **{c: "constexpr" for c in const}}
-                specs.append(CompileSpec(f"topk_softmax[{key}, renormalize={renorm}] {dt}", topk_softmax_kernel,
-                                         sig, const))
+        kernel = "deepseek_v3_route" if shape.router == "deepseek_v3" else "topk_softmax"
+        launches = {(tokens_per_program(E), 4)}
+        for t in tables:
+            rows = t.get(kernel, [])
+            hit = [r for r in rows if E <= r[0]] or rows[-1:]
+            launches |= {(r[1], r[2]) for r in hit[:1]}
+        for block_t, warps in sorted(launches):
+            base = {"TOP_K": k, "K_P2": next_pow2(k), "BLOCK_T": block_t, "BLOCK_E": next_pow2(E)}
+            for dt in ("bf16", "fp16"):
+                if kernel == "deepseek_v3_route":
+                    n_group, topk_group = (8, 4) if E >= 64 else (4, 2)
+                    variants = [({**base, "N_GROUP": n_group, "G_P2": next_pow2(n_group), "TOPK_GROUP": topk_group}, "")]
+                else:
+                    variants = [({**base, "RENORMALIZE": r}, f", renormalize={r}") for r in (True, False)]
+                for const, label in variants:
+                    sig = {"logits_ptr": f"*{dt}"}
+                    if kernel == "deepseek_v3_route":
+                        sig["bias_ptr"] = "*fp32"
+                    sig.update({"weights_ptr": "*fp32", "ids_ptr": "*i32", "M": "i32", "E": "i32", "stride_lm": "i32"})
+                    if kernel == "deepseek_v3_route":
+                        sig["scale"] = "fp32"
+                    sig.update({c: "constexpr" for c in const})
+                    name = f"{kernel}[{key}{label}, BLOCK_T={block_t}, warps={warps}] {dt}"
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    fn = deepseek_v3_route_kernel if kernel == "deepseek_v3_route" else topk_softmax_kernel
+                    specs.append(CompileSpec(name, fn, sig, const, num_warps=warps))
     return specs
