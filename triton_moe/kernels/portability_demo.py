@@ -126,6 +126,15 @@ def compile_specs() -> list[CompileSpec]:
     return specs
 
 
+def specs_for_config(BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, GROUP_M: int = 8, num_warps: int = 4,
+                     num_stages: int = 2, extra: dict | None = None, dtype: str = "bf16",
+                     vendors: tuple = ("nvidia", "amd")) -> list[CompileSpec]:
+    """One config as a spec list, for ``crosscompile`` sources like
+    ``"triton_moe.kernels.portability_demo:specs_for_config|{json kwargs}"`` (chapter 6's checker)."""
+    cfg = KernelConfig(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, dict(extra or {}))
+    return [spec_for(cfg, dtype, tuple(vendors))]
+
+
 # Configs that must fail the check, kept as lessons for chapter 6 and as tests of the check itself. What each
 # does on each target is in docs/compile-report.md ("Lessons"); the tests prove the check rejects them.
 SPILL_CONFIG = KernelConfig(BLOCK_M=256, BLOCK_N=256, BLOCK_K=64, num_warps=4, num_stages=2)
