@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import validate
 from ..configs import KernelConfig
-from ..crosscompile import CompileSpec
+from ..crosscompile import DIV16, CompileSpec
 from ..mode import check_interpreter_dtype
 from .fused_gate_up import all_configs, blocks_bound, check_dispatch, pick_config, with_block_m
 
@@ -164,13 +164,16 @@ def down_combine(h, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_p
 # --------------------------------------------------------------------------------------------------
 # Cross-compilation specs (chapter 6)
 
-_DOWN_INTS = ("N", "K", "EM", "num_slots", "top_k", "split_k", "stride_hm", "stride_hk", "stride_we", "stride_wn", "stride_wk",
-              "stride_am", "stride_an")
+_DOWN_INTS = ("N", "K", "EM", "num_slots", "top_k", "split_k", "stride_hm", "stride_we", "stride_wn", "stride_am")
+_UNIT_STRIDES = {"stride_hk": 1, "stride_wk": 1, "stride_an": 1}  # a launch specialises ints equal to 1
 
 
 def compile_specs() -> list[CompileSpec]:
     specs = []
-    for cfg in all_configs("down_combine"):
+    ptrs = ("h_ptr", "w2_ptr", "topk_weights_ptr", "acc_ptr", "sorted_token_ids_ptr", "expert_ids_ptr",
+            "num_tokens_post_padded_ptr")
+    div16 = ("N", "K", "EM", "stride_hm", "stride_we", "stride_wn", "stride_am")
+    for cfg, vendors in all_configs("down_combine"):
         for atomic in (True, False):
             for dt in ("bf16", "fp16"):
                 sig = {"h_ptr": f"*{dt}", "w2_ptr": f"*{dt}", "topk_weights_ptr": "*fp32", "acc_ptr": "*fp32",
@@ -179,18 +182,20 @@ def compile_specs() -> list[CompileSpec]:
                 sig.update({p: "i32" for p in _DOWN_INTS})
                 const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K,
                          "GROUP_M": cfg.GROUP_M, "ATOMIC": atomic}
-                sig.update({p: "constexpr" for p in const})
-                name = "down_combine[" + ",".join(f"{k}={v}" for k, v in const.items()) + \
+                sig.update({p: "constexpr" for p in list(const) + list(_UNIT_STRIDES)})
+                name = f"down_combine[{vendors[0]}: " + ",".join(f"{k}={v}" for k, v in const.items()) + \
                     f",warps={cfg.num_warps},stages={cfg.num_stages}] {dt}"
                 opts = {k: v for k, v in cfg.extra.items() if k != "SPLIT_K"}
-                specs.append(CompileSpec(name, down_combine_kernel, sig, const, cfg.num_warps, cfg.num_stages, opts))
+                specs.append(CompileSpec(name, down_combine_kernel, sig, {**const, **_UNIT_STRIDES}, cfg.num_warps,
+                                         cfg.num_stages, opts,
+                                         attrs={p: DIV16 for p in ptrs + div16}, vendors=vendors))
     for dt in ("bf16", "fp16"):
-        for rows in (1, 2, 8):
+        for rows in (1, 2, 4, 8):
             sig = {"src_ptr": "*fp32", "out_ptr": f"*{dt}", "N": "i32", "stride_sm": "i32", "stride_om": "i32",
                    "TOP_K": "constexpr", "BLOCK_N": "constexpr"}
             const = {"TOP_K": rows, "BLOCK_N": SUM_BLOCK_N}
             specs.append(CompileSpec(f"moe_sum[TOP_K={rows},BLOCK_N={SUM_BLOCK_N}] {dt}", moe_sum_kernel, sig, const,
-                                     4, 1))
+                                     4, 1, attrs={p: DIV16 for p in ("src_ptr", "out_ptr", "N", "stride_sm", "stride_om")}))
     return specs
 
 

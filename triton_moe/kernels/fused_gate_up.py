@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .. import validate
 from ..configs import KernelConfig, pick
-from ..crosscompile import CompileSpec
+from ..crosscompile import DIV16, CompileSpec
 from ..mode import ON_GPU, check_interpreter_dtype
 
 TABLES = Path(__file__).resolve().parent.parent / "tables"
@@ -109,12 +109,46 @@ def tuned_tables(kernel: str, vendor_name: str) -> dict:
     return tables
 
 
+AMD_LDS_BYTES = 64 * 1024   # MI300X / MI250X: LDS per workgroup
+B_TILES = {"fused_gate_up": 2, "down_combine": 1}  # weight tiles per K step (gate+up reads W1 and W3)
+
+
+def adapt_amd(cfg: KernelConfig, kernel: str, elem_bytes: int = 2) -> KernelConfig:
+    """An NVIDIA config made legal for AMD: Triton's AMD pipeliner uses at most 2 stages, and the staged
+    tiles (x tile + B_TILES weight tiles per stage) must fit 64 KB of LDS: halve BLOCK_K, then BLOCK_N."""
+    c = dataclasses.replace(cfg, num_stages=min(cfg.num_stages, 2), extra=dict(cfg.extra))
+
+    def lds(c):
+        return c.num_stages * (c.BLOCK_M * c.BLOCK_K + B_TILES[kernel] * c.BLOCK_K * c.BLOCK_N) * elem_bytes
+
+    while lds(c) > AMD_LDS_BYTES and (c.BLOCK_K > 32 or c.BLOCK_N > 32):
+        if c.BLOCK_K > 32:
+            c = dataclasses.replace(c, BLOCK_K=c.BLOCK_K // 2, extra=c.extra)
+        else:
+            c = dataclasses.replace(c, BLOCK_N=c.BLOCK_N // 2, extra=c.extra)
+    return c
+
+
+def gpu_table(kernel: str, vendor_name: str, hidden: int, ffn: int, experts: int, top_k: int) -> list:
+    """The table a GPU of ``vendor_name`` runs for this model shape: its own tuned table (the shape's rows, or
+    the default rows), else for AMD the NVIDIA one adapted (never tuned there), else the portable fallback."""
+    key = shape_key(hidden, ffn, experts, top_k)
+    tuned = tuned_tables(kernel, vendor_name)
+    table = tuned.get(key) or tuned.get("default")
+    if table:
+        return table
+    if vendor_name == "amd":
+        nv = tuned_tables(kernel, "nvidia")
+        base = nv.get(key) or nv.get("default") or GPU_FALLBACK[kernel]
+        return [(m, adapt_amd(c, kernel)) for m, c in base]
+    return GPU_FALLBACK[kernel]
+
+
 def table_for(kernel: str, hidden: int, ffn: int, experts: int, top_k: int) -> list:
     v = vendor()
     if v == "cpu":
         return CPU_TABLES[kernel]
-    tuned = tuned_tables(kernel, v)
-    return tuned.get(shape_key(hidden, ffn, experts, top_k)) or tuned.get("default") or GPU_FALLBACK[kernel]
+    return gpu_table(kernel, v, hidden, ffn, experts, top_k)
 
 
 def pick_config(kernel: str, M: int, hidden: int, ffn: int, experts: int, top_k: int) -> KernelConfig:
@@ -263,34 +297,46 @@ def fused_gate_up(x, w1, w3, sorted_token_ids, expert_ids, num_tokens_post_padde
 
 _GATE_UP_PTRS = ("x_ptr", "w1_ptr", "w3_ptr", "out_ptr")
 _INDEX_PTRS = ("sorted_token_ids_ptr", "expert_ids_ptr", "num_tokens_post_padded_ptr")
-_GATE_UP_INTS = ("N", "K", "EM", "num_slots", "top_k", "stride_xm", "stride_xk", "stride_we", "stride_wn",
-                 "stride_wk", "stride_om", "stride_on")
+_GATE_UP_INTS = ("N", "K", "EM", "num_slots", "top_k", "stride_xm", "stride_we", "stride_wn", "stride_om")
+# A launch specialises ints equal to 1 into constants: the unit strides of contiguous tensors. Without that
+# the compiler cannot prove the K axis contiguous, and compiles scalar loads with no cp.async pipelining
+# (and register spills) that a real launch never runs.
+_UNIT_STRIDES = {"stride_xk": 1, "stride_wk": 1, "stride_on": 1}
+# What a real launch sees as multiples of 16 (the model sizes, EM = blocks * BLOCK_M, the row strides); the
+# unit strides specialise to 1 and num_slots / top_k are not specialised (do_not_specialize).
+_DIV16_INTS = ("N", "K", "EM", "stride_xm", "stride_we", "stride_wn", "stride_om")
 
 
-def all_configs(kernel: str) -> list[KernelConfig]:
-    """Every distinct config in every table of ``kernel`` (CPU, fallback, tuned), for the compile check."""
-    seen = {}
-    tables = [CPU_TABLES[kernel], GPU_FALLBACK[kernel]]
-    for v in ("nvidia", "amd"):
-        tables += list(tuned_tables(kernel, v).values())
-    for table in tables:
-        for _, cfg in table:
-            seen.setdefault(repr(cfg.meta()), cfg)
-    return list(seen.values())
+def all_configs(kernel: str) -> list[tuple[KernelConfig, tuple]]:
+    """Every distinct config ``kernel`` can run with on a GPU, and the vendors that run it: the NVIDIA tables
+    (tuned per shape, default, fallback) for NVIDIA targets; what AMD runs (its tuned table if one is
+    committed, else the NVIDIA configs adapted by :func:`adapt_amd`) for AMD targets. The CPU table is left
+    out: only the interpreter runs it, and the interpreter compiles nothing."""
+    nvidia = [GPU_FALLBACK[kernel]] + list(tuned_tables(kernel, "nvidia").values())
+    amd = list(tuned_tables(kernel, "amd").values()) or [[(m, adapt_amd(c, kernel)) for m, c in t] for t in nvidia]
+    seen: dict = {}
+    for vendor_name, tables in (("nvidia", nvidia), ("amd", amd)):
+        for table in tables:
+            for _, cfg in table:
+                meta = {k: v for k, v in cfg.meta().items() if k != "SPLIT_K"}
+                seen.setdefault((repr(meta), vendor_name), cfg)
+    return [(cfg, (v,)) for (_, v), cfg in seen.items()]
 
 
 def compile_specs() -> list[CompileSpec]:
     specs = []
-    for cfg in all_configs("fused_gate_up"):
+    for cfg, vendors in all_configs("fused_gate_up"):
         for dt in ("bf16", "fp16"):
             sig = {p: f"*{dt}" for p in _GATE_UP_PTRS}
             sig.update({p: "*i32" for p in _INDEX_PTRS})
             sig.update({p: "i32" for p in _GATE_UP_INTS})
-            const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K,
-                     "GROUP_M": cfg.GROUP_M}
-            sig.update({p: "constexpr" for p in const})
-            name = "fused_gate_up[" + ",".join(f"{k}={v}" for k, v in const.items()) + \
+            const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
+            sig.update({p: "constexpr" for p in list(const) + list(_UNIT_STRIDES)})
+            name = f"fused_gate_up[{vendors[0]}: " + ",".join(f"{k}={v}" for k, v in const.items()) + \
                 f",warps={cfg.num_warps},stages={cfg.num_stages}] {dt}"
-            specs.append(CompileSpec(name, fused_gate_up_kernel, sig, const, cfg.num_warps, cfg.num_stages,
-                                     dict(cfg.extra)))
+            specs.append(CompileSpec(name, fused_gate_up_kernel, sig, {**const, **_UNIT_STRIDES}, cfg.num_warps,
+                                     cfg.num_stages,
+                                     {k: v for k, v in cfg.extra.items() if k != "SPLIT_K"},
+                                     attrs={p: DIV16 for p in _GATE_UP_PTRS + _INDEX_PTRS + _DIV16_INTS},
+                                     vendors=vendors))
     return specs
