@@ -9,6 +9,7 @@ to ``results/<device>/tune_routing.csv`` (copies under ``$OUT`` when set).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -28,15 +29,48 @@ ROUTERS = [("topk_softmax", 8, 2), ("topk_softmax", 128, 8), ("deepseek_v3_route
 SIZES = (1, 64, 4096)
 
 
-def main() -> int:
+def candidates(kernel: str, E: int) -> list[tuple[int, int]]:
+    """(BLOCK_T, num_warps) pairs: tiles of 32 to 8192 scores. The DeepSeek-V3 router unrolls ~20 reductions
+    and compiles slowly (twice: M=1 is specialised), so it gets a short list around one token per warp."""
+    if kernel == "deepseek_v3_route":
+        return [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (16, 4)]
+    return [(bt, w) for bt in (1, 4, 16, 64) for w in (1, 2, 4)
+            if 32 * w <= bt * routing.next_pow2(E) <= 8192]
+
+
+def write(table, log, meta):
+    vendor = mode.info().vendor
+    path = routing.TABLES / f"routing.{vendor}.json"
+    path.write_text(json.dumps({"meta": {**{k: meta[k] for k in ("device", "date", "torch", "triton", "runtime")},
+                                         "source": "benchmarks/tune_routing.py",
+                                         "objective": "least worst ratio to the per-M best at M = 1, 64, 4096",
+                                         "log": f"results/{slug(meta['device'])}/tune_routing.csv"},
+                                "table": table}, indent=1) + "\n")
+    log_path = results_path("tune_routing")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(log[0]))
+        wr.writeheader()
+        wr.writerows(log)
+    if os.environ.get("OUT"):
+        for p in (path, log_path):
+            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
+    return path, log_path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--routers", default="topk_softmax,deepseek_v3_route", help="kernels to tune")
+    a = ap.parse_args(argv)
     mode.require_gpu("Tuning")
     meta = run_metadata()
     gen = torch.Generator(device="cuda").manual_seed(0)
     log, table = [], {}
     for kernel, E, k in ROUTERS:
+        if kernel not in a.routers.split(","):
+            continue
         bias = torch.randn(E, generator=gen, device="cuda") * 0.3
-        cands = [(bt, w) for bt in (1, 4, 16, 64) for w in (1, 2, 4)
-                 if bt * routing.next_pow2(E) <= 8192 and bt * routing.next_pow2(E) >= 32 * w]
+        cands = candidates(kernel, E)
         times = {}
         for M in SIZES:
             logits = torch.randn(M, E, generator=gen, device="cuda")
@@ -48,7 +82,7 @@ def main() -> int:
                 call = lambda: routing.topk_softmax(logits, k)  # noqa: E731
             for bt, w in cands:
                 routing.launch_config = lambda name, e, _c=(bt, w): _c   # force the candidate
-                ok = torch.equal(call()[1].long(), ref)
+                ok = bool((call()[1].long() != ref).any(dim=1).float().mean() < 0.01)  # fp32 vs fp64 near-ties
                 ms, method = bench_ms(call, rep=30)
                 times[(bt, w, M)] = ms if ok else float("inf")
                 log.append({"kernel": kernel, "E": E, "top_k": k, "M": M, "BLOCK_T": bt, "num_warps": w,
@@ -62,22 +96,8 @@ def main() -> int:
                           f"{times.get((routing.tokens_per_program(E), 4, M), float('nan')) * 1e3:.1f} us)"
                           for M in SIZES), flush=True)
         table.setdefault(kernel, []).append({"max_E": E, "BLOCK_T": bt, "num_warps": w})
-    vendor = mode.info().vendor
-    path = routing.TABLES / f"routing.{vendor}.json"
-    path.write_text(json.dumps({"meta": {**{k: meta[k] for k in ("device", "date", "torch", "triton", "runtime")},
-                                         "source": "benchmarks/tune_routing.py",
-                                         "log": f"results/{slug(meta['device'])}/tune_routing.csv"},
-                                "table": table}, indent=1) + "\n")
-    log_path = results_path("tune_routing")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(log[0]))
-        wr.writeheader()
-        wr.writerows(log)
-    print(f"wrote {path} and {log_path}")
-    if os.environ.get("OUT"):
-        for p in (path, log_path):
-            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
+        path, log_path = write(table, log, meta)          # after each router: a timeout keeps what is done
+        print(f"wrote {path} and {log_path}", flush=True)
     return 0
 
 
