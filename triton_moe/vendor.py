@@ -182,3 +182,34 @@ def vendor_tables(kernel: str, default: ConfigTable | None = None, tables: Path 
 
 def clear_cache() -> None:
     _load.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Results of both vendors side by side (chapter 6's timing tables)
+
+
+def times_table(rows: list[dict], impls: list[str] | None = None, vendors: tuple = VENDORS) -> str:
+    """A text table of ``timing.load_rows`` rows: one line per M, one column per (device, implementation),
+    ``ms (fraction of floor)``; every vendor in ``vendors`` without rows gets a "not measured" column, so a
+    missing platform is said, never filled in."""
+    cols = []
+    for r in rows:
+        if impls is None or any(r["impl"].startswith(i) for i in impls):
+            key = (r["vendor"], r["device"], r["impl"])
+            if key not in cols:
+                cols.append(key)
+    Ms = sorted({r["M"] for r in rows})
+    missing = [v for v in vendors if not any(c[0] == v for c in cols)]
+    heads = [f"{d} | {i}" for _, d, i in cols] + [f"{v.upper()}: not measured" for v in missing]
+    width = max([len(h) for h in heads] + [12])
+    lines = [f"{'M':>6}  " + "  ".join(h.rjust(width) for h in heads)]
+    for M in Ms:
+        cells = []
+        for v, d, i in cols:
+            hit = [r for r in rows if (r["vendor"], r["device"], r["impl"], r["M"]) == (v, d, i, M)]
+            cells.append(f"{hit[0]['median_ms']:.4f} ms ({hit[0]['floor_fraction']:.2f})" if hit else "not measured")
+        cells += ["not measured"] * len(missing)
+        lines.append(f"{M:>6}  " + "  ".join(c.rjust(width) for c in cells))
+    if not Ms:
+        lines.append("(no results: " + ", ".join(f"{v.upper()} not measured" for v in vendors) + ")")
+    return "\n".join(lines)
