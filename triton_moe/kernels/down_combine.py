@@ -26,7 +26,7 @@ from .. import validate
 from ..configs import KernelConfig
 from ..crosscompile import DIV16, CompileSpec
 from ..mode import check_interpreter_dtype
-from .fused_gate_up import all_configs, blocks_bound, check_dispatch, pick_config, with_block_m
+from .fused_gate_up import all_configs, blocks_bound, check_dispatch, fit_shared, pick_config, with_block_m
 
 
 @triton.jit(do_not_specialize=["num_slots", "top_k", "split_k"])
@@ -134,6 +134,7 @@ def down_combine(h, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_p
     validate.top_k(top_k, E)
     block_m = check_dispatch(sorted_token_ids, expert_ids, num_tokens_post_padded, h.device)
     cfg = with_block_m(config or pick_config("down_combine", M, H, F, E, top_k), block_m)
+    cfg = fit_shared(cfg, "down_combine", h.element_size())
     meta = cfg.meta()
     split_k = 1 if deterministic else int(meta.pop("SPLIT_K", 1))
     meta.pop("SPLIT_K", None)

@@ -129,10 +129,19 @@ def adapt_amd(cfg: KernelConfig, kernel: str, elem_bytes: int = 2) -> KernelConf
     return c
 
 
+@functools.lru_cache(maxsize=None)
+def hopper_or_newer() -> bool:
+    """The committed NVIDIA tables were tuned on an H100 (sm_90): their large two-accumulator tiles spill
+    registers on sm_80 (A100), where warpgroup MMA does not exist. Older NVIDIA GPUs take the fallback."""
+    return ON_GPU and vendor() == "nvidia" and torch.cuda.get_device_capability()[0] >= 9
+
+
 def gpu_table(kernel: str, vendor_name: str, hidden: int, ffn: int, experts: int, top_k: int) -> list:
     """The table a GPU of ``vendor_name`` runs for this model shape: its own tuned table (the shape's rows, or
     the default rows), else for AMD the NVIDIA one adapted (never tuned there), else the portable fallback."""
     key = shape_key(hidden, ffn, experts, top_k)
+    if vendor_name == "nvidia" and ON_GPU and not hopper_or_newer():
+        return GPU_FALLBACK[kernel]
     tuned = tuned_tables(kernel, vendor_name)
     table = tuned.get(key) or tuned.get("default")
     if table:
@@ -164,6 +173,24 @@ def dispatch_block_m(M: int, hidden: int, ffn: int, experts: int, top_k: int) ->
 
 def with_block_m(cfg: KernelConfig, block_m: int) -> KernelConfig:
     return cfg if cfg.BLOCK_M == block_m else dataclasses.replace(cfg, BLOCK_M=block_m)
+
+
+def fit_shared(cfg: KernelConfig, kernel: str, elem_bytes: int) -> KernelConfig:
+    """The tables are tuned for 2-byte inputs; fp32 inputs double the staged tiles. Halve BLOCK_K (down to 32),
+    then drop stages (down to 2), until ``stages x (x tile + weight tiles)`` fits the GPU's shared memory."""
+    if not ON_GPU or elem_bytes <= 2:
+        return cfg
+    limit = AMD_LDS_BYTES if vendor() == "amd" else 227 * 1024
+
+    def staged(c):
+        return c.num_stages * (c.BLOCK_M * c.BLOCK_K + B_TILES[kernel] * c.BLOCK_K * c.BLOCK_N) * elem_bytes
+
+    while staged(cfg) > limit and (cfg.BLOCK_K > 32 or cfg.num_stages > 2):
+        if cfg.BLOCK_K > 32:
+            cfg = dataclasses.replace(cfg, BLOCK_K=cfg.BLOCK_K // 2, extra=dict(cfg.extra))
+        else:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1, extra=dict(cfg.extra))
+    return cfg
 
 
 def blocks_bound(num_slots: int, experts: int, block_m: int, max_blocks: int) -> int:
@@ -277,6 +304,7 @@ def fused_gate_up(x, w1, w3, sorted_token_ids, expert_ids, num_tokens_post_padde
     validate.top_k(top_k, E)
     block_m = check_dispatch(sorted_token_ids, expert_ids, num_tokens_post_padded, x.device)
     cfg = with_block_m(config or pick_config("fused_gate_up", M, H, F, E, top_k), block_m)
+    cfg = fit_shared(cfg, "fused_gate_up", x.element_size())
     if out is None:
         out = torch.empty((M * top_k, F), dtype=x.dtype, device=x.device)
     else:
