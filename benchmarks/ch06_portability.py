@@ -4,7 +4,7 @@ GEMM library through ``torch.matmul`` (cuBLAS on NVIDIA, hipBLASLt / rocBLAS on 
 GPU only (NVIDIA or AMD). Run from the repository root:
 
     PYTHONPATH=. python benchmarks/ch06_portability.py [--quick]          # timings
-    PYTHONPATH=. python benchmarks/ch06_portability.py --tune [--quick]   # also choose a table for this GPU
+    PYTHONPATH=. python benchmarks/ch06_portability.py --tune [--tune-M 1,16,256,4096]   # first choose a table
 
 Writes ``results/<device>/ch06_tiled_matmul.csv`` (the course's results format: device, versions, ceilings
 measured in the same run, floor per row) and, with ``--tune``, ``triton_moe/tables/tiled_matmul.<device>.json``
@@ -91,7 +91,8 @@ def tune(sizes, meta, out_dir: Path | None) -> Path:
     table = [(M, best[M][1]) for M in sorted(best)]
     table[-1] = (1 << 30, table[-1][1])
     path = vendor.TABLES / f"{KERNEL}.{slug(meta['device'])}.json"
-    save_table(table, path, {"kernel": KERNEL, "vendor": v, "device": meta["device"], "date": meta["date"],
+    save_table(table, path, {"kernel": KERNEL, "vendor": v, "device": meta["device"],
+                             "target": vendor.current_target(), "date": meta["date"],
                              "torch": meta["torch"], "triton": meta["triton"], "runtime": meta["runtime"],
                              "source": "benchmarks/ch06_portability.py --tune: fastest correct candidate per M "
                                        "(median of CUDA-graph replays)"})
@@ -113,13 +114,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"M in {QUICK}")
     ap.add_argument("--tune", action="store_true", help="choose a config table for this GPU first")
+    ap.add_argument("--tune-M", default=",".join(map(str, QUICK)),
+                    help="batch sizes to tune at (each row of the table serves every M up to its own)")
     a = ap.parse_args(argv)
     mode.require_gpu("This benchmark")
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     meta = run_metadata()
     sizes = QUICK if a.quick else BATCH_SIZES
     if a.tune:
-        tune(sizes, meta, out_dir)
+        tune([int(m) for m in a.tune_M.split(",")], meta, out_dir)
     ceilings = measure_ceilings()
     table = vendor.load_vendor_table(KERNEL)
     print(f"{meta['device']} ({vendor.detect_vendor()}): copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul "

@@ -61,7 +61,7 @@ def test_mode_info_under_cuda(cuda):
 def test_cpu_mode():
     if mode.ON_GPU:
         pytest.skip("CPU-mode test")
-    assert vendor.detect_vendor() == "cpu" and vendor.device_name() == "cpu"
+    assert vendor.detect_vendor() == "cpu" and vendor.device_name() == "cpu" and vendor.current_target() == ""
     assert vendor.load_vendor_table(demo.KERNEL).source == "tiled_matmul.cpu.json"
 
 
@@ -97,8 +97,13 @@ def test_device_table_first_then_vendor_table(tmp_path):
     assert t.source == "tiled_matmul.amd-instinct-mi300x.json" and t.table[0][1].BLOCK_M == 128
     t = vendor.load_vendor_table("tiled_matmul", "amd", "AMD Instinct MI250X", tables=tmp_path)
     assert t.source == "tiled_matmul.amd.json"
-    # The cross-compile check covers the device table too, for its vendor's targets.
-    assert set(vendor.vendor_tables("tiled_matmul", tables=tmp_path)) == {"nvidia", "amd", "amd:amd-instinct-mi300x"}
+    # The cross-compile check covers the device table too: on its own target when the tuning run wrote it,
+    # else on its vendor's targets.
+    _write(tmp_path, "nvidia-h100-80gb-hbm3", [(1 << 30, KernelConfig(64, 64, 64, 8, 4, 4))],
+           {"vendor": "nvidia", "target": "sm_90"})
+    got = {(label, v, t) for label, v, t, _ in vendor.vendor_tables("tiled_matmul", tables=tmp_path)}
+    assert got == {("nvidia", "nvidia", ("sm_90", "sm_80")), ("amd", "amd", ("gfx942", "gfx90a")),
+                   ("amd-instinct-mi300x", "amd", ("gfx942", "gfx90a")), ("nvidia-h100-80gb-hbm3", "nvidia", ("sm_90",))}
 
 
 def test_fallback_adapts_the_nvidia_table_for_amd(tmp_path):

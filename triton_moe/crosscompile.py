@@ -67,6 +67,7 @@ class CompileSpec:
     attrs: dict = field(default_factory=dict)    # parameter name -> [["tt.divisibility", 16]] (DIV16), as a
     #                                              real launch specialises 16-divisible ints and pointers
     vendors: tuple = ("nvidia", "amd")           # compile for these vendors' targets only
+    targets: tuple = ()                          # and, if given, only these (e.g. ("sm_90",) for an H100 table)
 
 
 @dataclass(frozen=True)
@@ -387,7 +388,8 @@ def _worker(sources: list[str], targets: list[str], shard: int, shards: int, sub
             module = source.partition("|")[0].partition(":")[0]
             for s in specs:
                 vendors = tuple(s.vendors) or ("nvidia", "amd")
-                pairs += [(module, s, TARGETS[t]) for t in targets if TARGETS[t].vendor in vendors]
+                pairs += [(module, s, TARGETS[t]) for t in targets
+                          if TARGETS[t].vendor in vendors and (not s.targets or t in s.targets)]
         for i, (module, spec, target) in enumerate(pairs):
             if i % shards != shard:
                 continue
@@ -591,8 +593,8 @@ def write_report(path: Path, results: list[CompileResult], errors: list[str], **
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(format_report(results, errors, **kw))
-    path.with_suffix(".json").write_text(json.dumps(
-        {"errors": errors, "results": [asdict(r) for r in results]}, indent=0) + "\n")
+    lines = ",\n".join(json.dumps(asdict(r), separators=(",", ":")) for r in results)  # one result a line
+    path.with_suffix(".json").write_text(f'{{"errors": {json.dumps(errors)},\n"results": [\n{lines}\n]}}\n')
 
 
 def load_report(path: Path | str) -> list[CompileResult]:

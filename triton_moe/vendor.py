@@ -162,21 +162,43 @@ def pick_config(kernel: str, M: int, vendor: str | None = None, default: ConfigT
     return pick(load_vendor_table(kernel, vendor, default=default).table, M)
 
 
-def vendor_tables(kernel: str, default: ConfigTable | None = None, tables: Path | None = None) -> dict[str, ConfigTable]:
-    """What each vendor would run, for the cross-compile check: {"nvidia": table, "amd": table} (adapted
-    fallbacks included, so an untuned vendor is still proved to compile), plus every device-specific table
-    ``<kernel>.<device>.json`` found, keyed by its device slug and compiled for its vendor's targets
-    (its ``meta.vendor``)."""
+TARGETS_OF = {"nvidia": ("sm_90", "sm_80"), "amd": ("gfx942", "gfx90a")}  # crosscompile target names
+
+
+def current_target() -> str:
+    """This GPU's compile target as :mod:`triton_moe.crosscompile` names it (``sm_90``, ``gfx942``), from
+    Triton's active driver; "" on the CPU or when the driver cannot say."""
+    from . import mode
+
+    if not mode.ON_GPU:
+        return ""
+    try:
+        import triton
+
+        t = triton.runtime.driver.active.get_current_target()
+    except Exception:  # noqa: BLE001
+        return ""
+    return f"sm_{t.arch}" if t.backend == "cuda" else str(t.arch).split(":")[0]
+
+
+def vendor_tables(kernel: str, default: ConfigTable | None = None,
+                  tables: Path | None = None) -> list[tuple[str, str, tuple, ConfigTable]]:
+    """What the cross-compile check must cover: ``(label, vendor, targets, table)`` for the table each vendor
+    would run (adapted fallbacks included, so an untuned vendor is still proved to compile) on that vendor's
+    targets, and for every device table ``<kernel>.<device>.json`` on its own target (``meta.target``, written
+    by the tuning script; the vendor's targets when absent)."""
     import json
 
-    out = {v: load_vendor_table(kernel, v, default=default, tables=tables).table for v in VENDORS}
+    out = [(v, v, TARGETS_OF[v], load_vendor_table(kernel, v, default=default, tables=tables).table) for v in VENDORS]
     for p in sorted(Path(tables or TABLES).glob(f"{kernel}.*.json")):
         key = p.name[len(kernel) + 1: -len(".json")]
         if key in VENDORS + ("cpu",):
             continue
-        vendor = json.loads(p.read_text()).get("meta", {}).get("vendor")
-        if vendor in VENDORS:
-            out[f"{vendor}:{key}"] = load_table(p)
+        meta = json.loads(p.read_text()).get("meta", {})
+        v = meta.get("vendor")
+        if v in VENDORS:
+            target = meta.get("target")
+            out.append((key, v, (target,) if target else TARGETS_OF[v], load_table(p)))
     return out
 
 
@@ -189,27 +211,27 @@ def clear_cache() -> None:
 
 
 def times_table(rows: list[dict], impls: list[str] | None = None, vendors: tuple = VENDORS) -> str:
-    """A text table of ``timing.load_rows`` rows: one line per M, one column per (device, implementation),
-    ``ms (fraction of floor)``; every vendor in ``vendors`` without rows gets a "not measured" column, so a
-    missing platform is said, never filled in."""
+    """A text table of ``timing.load_rows`` rows: one line per M, one numbered column per (device,
+    implementation) with ``ms (fraction of floor)``, explained in a legend above; every vendor in ``vendors``
+    without rows gets a "not measured" column, so a missing platform is said, never filled in."""
     cols = []
     for r in rows:
         if impls is None or any(r["impl"].startswith(i) for i in impls):
             key = (r["vendor"], r["device"], r["impl"])
             if key not in cols:
                 cols.append(key)
-    Ms = sorted({r["M"] for r in rows})
     missing = [v for v in vendors if not any(c[0] == v for c in cols)]
-    heads = [f"{d} | {i}" for _, d, i in cols] + [f"{v.upper()}: not measured" for v in missing]
-    width = max([len(h) for h in heads] + [12])
-    lines = [f"{'M':>6}  " + "  ".join(h.rjust(width) for h in heads)]
-    for M in Ms:
+    legend = [f"[{k + 1}] {d}: {i}" for k, (_, d, i) in enumerate(cols)]
+    legend += [f"[{len(cols) + k + 1}] {v.upper()}: not measured" for k, v in enumerate(missing)]
+    n = len(legend)
+    lines = legend + ["", f"{'M':>6}  " + "  ".join(f"[{k + 1}]".rjust(22) for k in range(n))]
+    for M in sorted({r["M"] for r in rows}):
         cells = []
         for v, d, i in cols:
             hit = [r for r in rows if (r["vendor"], r["device"], r["impl"], r["M"]) == (v, d, i, M)]
             cells.append(f"{hit[0]['median_ms']:.4f} ms ({hit[0]['floor_fraction']:.2f})" if hit else "not measured")
         cells += ["not measured"] * len(missing)
-        lines.append(f"{M:>6}  " + "  ".join(c.rjust(width) for c in cells))
-    if not Ms:
+        lines.append(f"{M:>6}  " + "  ".join(c.rjust(22) for c in cells))
+    if not rows:
         lines.append("(no results: " + ", ".join(f"{v.upper()} not measured" for v in vendors) + ")")
     return "\n".join(lines)

@@ -106,26 +106,29 @@ OBSERVED_GFX942_LDS = {
           hint="two tiles live in LDS per buffer, A (BLOCK_M x BLOCK_K) and W (BLOCK_K x BLOCK_N), elem_bytes "
                "each; count the buffers from the report: how does LDS change from num_stages=2 to 3 to 4?")
 def check_gfx942_lds_bytes(fn, seed):
-    wrong = []
-    for (bm, bn, bk, s), want in OBSERVED_GFX942_LDS.items():
-        got = fn(KernelConfig(bm, bn, bk, 8, 4, s), 2)
-        if not isinstance(got, int) or isinstance(got, bool):
-            raise CheckFailure(f"gfx942_lds_bytes returned a {type(got).__name__}, expected an int (bytes)")
-        if got != want:
-            wrong.append(((bm, bn, bk, s), got, want))
+    got = {}
+    for (bm, bn, bk, s) in OBSERVED_GFX942_LDS:
+        v = fn(KernelConfig(bm, bn, bk, 8, 4, s), 2)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise CheckFailure(f"gfx942_lds_bytes returned a {type(v).__name__}, expected an int (bytes)")
+        got[(bm, bn, bk, s)] = v
+    wrong = [k for k, want in OBSERVED_GFX942_LDS.items() if got[k] != want]
     if not wrong:
         return [f"{len(OBSERVED_GFX942_LDS)} configs match the compiler's LDS bytes on gfx942"]
-    (bm, bn, bk, s), got, want = wrong[0]
+    (bm, bn, bk, s) = wrong[0]
     msg = (f"{len(wrong)} of {len(OBSERVED_GFX942_LDS)} configs wrong; e.g. {bm}x{bn}x{bk} with num_stages={s}: "
-           f"you predict {got} B, the compiler reported {want} B on gfx942")
-    one = (bm + bn) * bk * 2
-    if got == s * one:
-        hint = ("you count num_stages buffers, as sm_90 (Hopper) does in the report; on gfx942 (and sm_80) LDS "
-                "holds num_stages - 1 of them")
-    elif got * 2 == want:
-        hint = "bytes, not elements: multiply by elem_bytes (2 for bf16)"
-    elif got in (max(1, s - 1) * bm * bk * 2, max(1, s - 1) * bn * bk * 2):
-        hint = "both operand tiles are staged in LDS: A (BLOCK_M x BLOCK_K) and W (BLOCK_K x BLOCK_N)"
-    else:
-        hint = ""
+           f"you predict {got[wrong[0]]} B, the compiler reported {OBSERVED_GFX942_LDS[wrong[0]]} B on gfx942")
+    # Which usual mistake reproduces every answer?
+    buffers = lambda s: max(1, s - 1)  # noqa: E731
+    mistakes = [
+        (lambda bm, bn, bk, s: s * (bm + bn) * bk * 2,
+         "you count num_stages buffers, as sm_90 (Hopper) does in the report; on gfx942 (and sm_80) LDS holds "
+         "num_stages - 1 of them"),
+        (lambda bm, bn, bk, s: buffers(s) * (bm + bn) * bk, "bytes, not elements: multiply by elem_bytes (2 for bf16)"),
+        (lambda bm, bn, bk, s: buffers(s) * bm * bk * 2,
+         "both operand tiles are staged in LDS: A (BLOCK_M x BLOCK_K) and W (BLOCK_K x BLOCK_N)"),
+        (lambda bm, bn, bk, s: buffers(s) * bn * bk * 2,
+         "both operand tiles are staged in LDS: A (BLOCK_M x BLOCK_K) and W (BLOCK_K x BLOCK_N)"),
+    ]
+    hint = next((h for f, h in mistakes if all(got[k] == f(*k) for k in got)), "")
     raise CheckFailure(msg, hint)

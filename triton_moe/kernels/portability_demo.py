@@ -88,7 +88,7 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def spec_for(config: KernelConfig, dtype: str = "bf16", vendors: tuple = ("nvidia", "amd"),
-             label: str = "") -> CompileSpec:
+             label: str = "", targets: tuple = ()) -> CompileSpec:
     """The compile spec of ``tiled_matmul_kernel`` in one config, specialised as a real launch on
     contiguous tensors is: unit strides become constexpr 1, pointers and the other strides are
     16-divisible (K and N multiples of 16, as every model shape in the course is)."""
@@ -105,24 +105,24 @@ def spec_for(config: KernelConfig, dtype: str = "bf16", vendors: tuple = ("nvidi
             + (f" {label}" if label else "") + f" {dtype}")
     return CompileSpec(name, tiled_matmul_kernel, signature, constexprs, num_warps=config.num_warps,
                        num_stages=config.num_stages, options=dict(config.extra), attrs=attrs,
-                       vendors=tuple(vendors))
+                       vendors=tuple(vendors), targets=tuple(targets))
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every config of every vendor table of this kernel, bf16 and fp16; each table's configs are
-    compiled for that vendor's targets only (an AMD table's ``waves_per_eu`` means nothing to ptxas)."""
+    """Every config of every table of this kernel (vendor tables, fallbacks, device tables), bf16 and fp16;
+    each table's configs are compiled for its own targets only (an AMD table's ``waves_per_eu`` means nothing
+    to ptxas, an H100 table need not fit an A100)."""
     from ..vendor import vendor_tables
 
     specs = []
-    for key, table in vendor_tables(KERNEL).items():
-        vendor = key.split(":")[0]  # "amd" or "amd:<device slug>" for a device's own table
+    for label, vendor, targets, table in vendor_tables(KERNEL):
         seen = []
         for _, cfg in table:
             if any(cfg == c and cfg.extra == c.extra for c in seen):
                 continue
             seen.append(cfg)
             for dtype in ("bf16", "fp16"):
-                specs.append(spec_for(cfg, dtype, (vendor,), label=f"({key.split(':')[-1]} table)"))
+                specs.append(spec_for(cfg, dtype, (vendor,), label=f"({label} table)", targets=targets))
     return specs
 
 
