@@ -8,7 +8,8 @@ NVIDIA and an AMD GPU is the launch config, so that is what this module chooses,
   neither).
 - ``load_vendor_table(kernel)`` looks for, in order:
 
-  1. ``triton_moe/tables/<kernel>.<device-slug>.json`` -- written by ``benchmarks/tune.py`` on that very GPU
+  1. ``triton_moe/tables/<kernel>.<device-slug>.json`` -- written by a tuning run on that very GPU
+     (``benchmarks/ch06_portability.py --tune`` for ``tiled_matmul``)
      (e.g. ``tiled_matmul.amd-instinct-mi300x.json``);
   2. ``triton_moe/tables/<kernel>.<vendor>.json`` -- the vendor family's table (``.nvidia``, ``.amd``, ``.cpu``);
   3. the fallback: the other vendor's table, adapted (:func:`adapt`). For AMD: ``num_stages`` at most 2,
@@ -27,11 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from pathlib import Path
 from typing import NamedTuple
 
 from .configs import ConfigTable, KernelConfig, load_table
+from .timing import slug
 
 TABLES = Path(__file__).resolve().parent / "tables"
 VENDORS = ("nvidia", "amd")
@@ -45,10 +46,6 @@ class VendorTable(NamedTuple):
     source: str          # the file it came from, or "adapted from <file>", or "default"
     vendor: str          # the vendor it serves
     adapted: bool        # True: not tuned for this vendor (fallback)
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def detect_vendor() -> str:
