@@ -106,7 +106,9 @@ def main() -> int:
     fig, axes = plt.subplots(2, 3, figsize=(18, 9))
     for col, key in enumerate(("mixtral", "qwen3", "deepseek_v3")):
         for r, routing in enumerate(("uniform", "skewed")):
-            plot_times(rows, f"{MODELS[key].name}, {routing}", model=MODELS[key].name, routing=routing, ax=axes[r, col])
+            ax = plot_times(rows, "", model=MODELS[key].name, routing=routing, ax=axes[r, col])
+            ax.set_title(f"{MODELS[key].name}, {routing} routing", fontsize=10)  # the run is in the suptitle
+    fig.suptitle("MoE layer forward, bf16, CUDA graphs: " + summary_line(rows), fontsize=10)
     fig.tight_layout()
     png = RESULTS / slug(device) / "ch05_fused_moe.png"
     fig.savefig(png, dpi=110)

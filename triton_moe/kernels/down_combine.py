@@ -174,7 +174,7 @@ def compile_specs() -> list[CompileSpec]:
     ptrs = ("h_ptr", "w2_ptr", "topk_weights_ptr", "acc_ptr", "sorted_token_ids_ptr", "expert_ids_ptr",
             "num_tokens_post_padded_ptr")
     div16 = ("N", "K", "EM", "stride_hm", "stride_we", "stride_wn", "stride_am")
-    for cfg, vendors in all_configs("down_combine"):
+    for cfg, vendors, targets in all_configs("down_combine"):
         for atomic in (True, False):
             for dt in ("bf16", "fp16"):
                 sig = {"h_ptr": f"*{dt}", "w2_ptr": f"*{dt}", "topk_weights_ptr": "*fp32", "acc_ptr": "*fp32",
@@ -184,12 +184,12 @@ def compile_specs() -> list[CompileSpec]:
                 const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K,
                          "GROUP_M": cfg.GROUP_M, "ATOMIC": atomic}
                 sig.update({p: "constexpr" for p in list(const) + list(_UNIT_STRIDES)})
-                name = f"down_combine[{vendors[0]}: " + ",".join(f"{k}={v}" for k, v in const.items()) + \
+                name = f"down_combine[{'/'.join(targets) or vendors[0]}: " + ",".join(f"{k}={v}" for k, v in const.items()) + \
                     f",warps={cfg.num_warps},stages={cfg.num_stages}] {dt}"
                 opts = {k: v for k, v in cfg.extra.items() if k != "SPLIT_K"}
                 specs.append(CompileSpec(name, down_combine_kernel, sig, {**const, **_UNIT_STRIDES}, cfg.num_warps,
                                          cfg.num_stages, opts,
-                                         attrs={p: DIV16 for p in ptrs + div16}, vendors=vendors))
+                                         attrs={p: DIV16 for p in ptrs + div16}, vendors=vendors, targets=targets))
     for dt in ("bf16", "fp16"):
         for rows in (1, 2, 4, 8):
             sig = {"src_ptr": "*fp32", "out_ptr": f"*{dt}", "N": "i32", "stride_sm": "i32", "stride_om": "i32",

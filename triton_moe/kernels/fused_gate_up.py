@@ -335,36 +335,40 @@ _UNIT_STRIDES = {"stride_xk": 1, "stride_wk": 1, "stride_on": 1}
 _DIV16_INTS = ("N", "K", "EM", "stride_xm", "stride_we", "stride_wn", "stride_om")
 
 
-def all_configs(kernel: str) -> list[tuple[KernelConfig, tuple]]:
-    """Every distinct config ``kernel`` can run with on a GPU, and the vendors that run it: the NVIDIA tables
-    (tuned per shape, default, fallback) for NVIDIA targets; what AMD runs (its tuned table if one is
-    committed, else the NVIDIA configs adapted by :func:`adapt_amd`) for AMD targets. The CPU table is left
+def all_configs(kernel: str) -> list[tuple[KernelConfig, tuple, tuple]]:
+    """Every distinct config ``kernel`` can run with on a GPU, with the vendors and targets that run it: the
+    portable fallback on every NVIDIA target; the tuned NVIDIA tables on sm_90 only (they were tuned on an
+    H100 and :func:`hopper_or_newer` keeps older GPUs on the fallback); what AMD runs (its tuned table if one
+    is committed, else the NVIDIA configs adapted by :func:`adapt_amd`) on AMD targets. The CPU table is left
     out: only the interpreter runs it, and the interpreter compiles nothing."""
-    nvidia = [GPU_FALLBACK[kernel]] + list(tuned_tables(kernel, "nvidia").values())
-    amd = list(tuned_tables(kernel, "amd").values()) or [[(m, adapt_amd(c, kernel)) for m, c in t] for t in nvidia]
+    tuned_nv = list(tuned_tables(kernel, "nvidia").values())
+    amd = list(tuned_tables(kernel, "amd").values()) or \
+        [[(m, adapt_amd(c, kernel)) for m, c in t] for t in [GPU_FALLBACK[kernel]] + tuned_nv]
+    groups = [(GPU_FALLBACK[kernel], ("nvidia",), ())]
+    groups += [(t, ("nvidia",), ("sm_90",)) for t in tuned_nv]
+    groups += [(t, ("amd",), ()) for t in amd]
     seen: dict = {}
-    for vendor_name, tables in (("nvidia", nvidia), ("amd", amd)):
-        for table in tables:
-            for _, cfg in table:
-                meta = {k: v for k, v in cfg.meta().items() if k != "SPLIT_K"}
-                seen.setdefault((repr(meta), vendor_name), cfg)
-    return [(cfg, (v,)) for (_, v), cfg in seen.items()]
+    for table, vendors, targets in groups:
+        for _, cfg in table:
+            meta = {k: v for k, v in cfg.meta().items() if k != "SPLIT_K"}
+            seen.setdefault((repr(meta), vendors), (cfg, vendors, targets))
+    return list(seen.values())
 
 
 def compile_specs() -> list[CompileSpec]:
     specs = []
-    for cfg, vendors in all_configs("fused_gate_up"):
+    for cfg, vendors, targets in all_configs("fused_gate_up"):
         for dt in ("bf16", "fp16"):
             sig = {p: f"*{dt}" for p in _GATE_UP_PTRS}
             sig.update({p: "*i32" for p in _INDEX_PTRS})
             sig.update({p: "i32" for p in _GATE_UP_INTS})
             const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
             sig.update({p: "constexpr" for p in list(const) + list(_UNIT_STRIDES)})
-            name = f"fused_gate_up[{vendors[0]}: " + ",".join(f"{k}={v}" for k, v in const.items()) + \
+            name = f"fused_gate_up[{'/'.join(targets) or vendors[0]}: " + ",".join(f"{k}={v}" for k, v in const.items()) + \
                 f",warps={cfg.num_warps},stages={cfg.num_stages}] {dt}"
             specs.append(CompileSpec(name, fused_gate_up_kernel, sig, {**const, **_UNIT_STRIDES}, cfg.num_warps,
                                      cfg.num_stages,
                                      {k: v for k, v in cfg.extra.items() if k != "SPLIT_K"},
                                      attrs={p: DIV16 for p in _GATE_UP_PTRS + _INDEX_PTRS + _DIV16_INTS},
-                                     vendors=vendors))
+                                     vendors=vendors, targets=targets))
     return specs
