@@ -67,7 +67,7 @@ def validate_config(cfg) -> KernelConfig:
 
 @exercise("06", "choose_gfx942_config", points=2,
           hint="start from the NVIDIA table's large-M config and read its gfx942 row in the compile report: "
-               "LDS holds (num_stages - 1) copies of the A and W tiles, and AMD's pipeliner needs only 2 stages")
+               "which knob multiplies the LDS? AMD's Triton pipeliner needs only 2 stages")
 def check_choose_gfx942_config(fn, seed):
     cfg = validate_config(fn())
     r = compile_for(cfg)[0]
@@ -78,8 +78,8 @@ def check_choose_gfx942_config(fn, seed):
         raise CheckFailure(
             f"{name} needs {r.shared} B of LDS on gfx942, more than the {LDS_LIMIT} B (64 KB) a workgroup has: "
             f"it would fail to launch on an MI300X (it fits an H100 block's 227 KB)",
-            hint="lower num_stages (AMD's pipeliner needs 2) or BLOCK_K; LDS grows with "
-                 "(num_stages - 1) * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes")
+            hint="lower num_stages (AMD's pipeliner needs 2) or BLOCK_K: every stage in flight holds an A tile "
+                 "and a W tile in LDS")
     if r.vgpr_spill or r.sgpr_spill:
         acc = cfg.BLOCK_M * cfg.BLOCK_N // (cfg.num_warps * 64)
         raise CheckFailure(
