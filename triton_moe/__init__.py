@@ -8,3 +8,6 @@ from . import mode  # noqa: F401  (must come first: sets TRITON_INTERPRET on CPU
 from .mode import MODE, ON_GPU, default_dtype, device  # noqa: F401
 
 __version__ = "0.1.0"
+
+# The course's final kernel, for kernel engineers: `from triton_moe import fused_moe`.
+from .kernels.fused_moe import FusedMoEBlock, fused_experts, fused_moe  # noqa: E402,F401
