@@ -205,48 +205,54 @@ def sorted_dispatch(topk_ids: torch.Tensor, num_experts: int, block_m: int, out=
     return sorted_token_ids, expert_ids, num_tokens_post_padded
 
 
+def _dispatch_launches(M: int, top_k: int, num_experts: int, block_m: int, ids_dtype) -> list:
+    """The four launches :func:`sorted_dispatch` makes on a GPU for ``M`` tokens (tile sizes of
+    :func:`dispatch_launch_params` with ``for_gpu=True``), recorded from the wrapper itself on ``meta`` ids."""
+    from ..crosscompile import capture_launches
+
+    global dispatch_launch_params
+    real = dispatch_launch_params
+    dispatch_launch_params = lambda *a, **k: real(*a, **{**k, "for_gpu": True})  # noqa: E731 (as on a GPU)
+    try:
+        with capture_launches(dispatch_count_kernel, dispatch_offsets_kernel, dispatch_layout_kernel,
+                              dispatch_scatter_kernel) as launches:
+            sorted_dispatch(torch.empty(M, top_k, dtype=ids_dtype, device="meta"), num_experts, block_m)
+    finally:
+        dispatch_launch_params = real
+    return launches
+
+
 def compile_specs() -> list:
-    """The four kernels for every model in :data:`triton_moe.shapes.MODELS` (and the CPU copies), every
-    BLOCK_M of the grouped GEMM's tables, every tile size the batch sizes of the course select, int32 and
-    int64 ids (the dispatch reads no float data: bf16/fp16 do not apply)."""
-    from ..shapes import BATCH_SIZES, CPU_SHAPES, MODELS
-    from .grouped_gemm import CPU_TABLE, DEFAULT_GPU_TABLE, TABLES
+    """The four kernels as :func:`sorted_dispatch` launches them on a GPU (:func:`_dispatch_launches`), for
+    every model of :data:`triton_moe.shapes.MODELS`, every BLOCK_M a GPU table of the grouped GEMM or the
+    fused gate+up kernel uses, every batch size of the course, int32 and int64 ids; launches that compile the
+    same kernel (same specialisation and constexprs) are listed once, named after the first. The dispatch
+    reads no float data (bf16/fp16 do not apply). The CPU copies of the models are left out (interpreter
+    only)."""
+    from ..crosscompile import spec_from_launch
+    from ..shapes import BATCH_SIZES, MODELS
+    from .fused_gate_up import all_configs
+    from .grouped_gemm import DEFAULT_GPU_TABLE, TABLES
     from ..configs import load_table
 
-    tables = [CPU_TABLE, DEFAULT_GPU_TABLE] + [load_table(p) for p in sorted(TABLES.glob("grouped_gemm.*.json"))]
-    block_ms = sorted({cfg.BLOCK_M for t in tables for _, cfg in t})
-    combos = {(s.experts, s.top_k) for s in list(MODELS.values()) + list(CPU_SHAPES.values())}
+    tables = [DEFAULT_GPU_TABLE] + [load_table(p) for p in sorted(TABLES.glob("grouped_gemm.*.json"))]
+    block_ms = sorted({cfg.BLOCK_M for t in tables for _, cfg in t} | {c.BLOCK_M for c, _, _ in all_configs("fused_gate_up")})
     specs, seen = [], set()
-
-    def add(name, fn, sig, const):
-        key = (name, tuple(sorted(sig.items())), tuple(sorted(const.items())))
-        if key not in seen:
-            seen.add(key)
-            label = ",".join(f"{k}={v}" for k, v in const.items())
-            specs.append(CompileSpec(f"{name}[{label}] {sig.get('topk_ids_ptr', '*i32')[1:]} ids", fn, sig, const))
-
-    for E, k in sorted(combos):
+    for key, shape in MODELS.items():
         for bm in block_ms:
             for M in BATCH_SIZES:
-                p = dispatch_launch_params(M * k, E, bm, for_gpu=True)
-                for ids in ("*i32", "*i64"):
-                    add("dispatch_count", dispatch_count_kernel,
-                        {"topk_ids_ptr": ids, "chunk_counts_ptr": "*i32", "num_slots": "i32", "num_experts": "i32",
-                         "CHUNK": "constexpr", "SUB": "constexpr", "E_P2": "constexpr"},
-                        {"CHUNK": p["CHUNK"], "SUB": p["SUB"], "E_P2": p["E_P2"]})
-                    add("dispatch_scatter", dispatch_scatter_kernel,
-                        {"topk_ids_ptr": ids, "chunk_counts_ptr": "*i32", "expert_bounds_ptr": "*i32",
-                         "sorted_token_ids_ptr": "*i32", "num_slots": "i32", "num_experts": "i32",
-                         "CHUNK": "constexpr", "SUB": "constexpr", "E_P2": "constexpr"},
-                        {"CHUNK": p["CHUNK"], "SUB": p["SUB"], "E_P2": p["E_P2"]})
-                add("dispatch_offsets", dispatch_offsets_kernel,
-                    {"chunk_counts_ptr": "*i32", "expert_bounds_ptr": "*i32", "num_tokens_post_padded_ptr": "*i32",
-                     "num_chunks": "i32", "num_experts": "i32",
-                     "BLOCK_M": "constexpr", "E_P2": "constexpr", "CHUNK_ROWS": "constexpr"},
-                    {"BLOCK_M": bm, "E_P2": p["E_P2"], "CHUNK_ROWS": p["CHUNK_ROWS"]})
-                add("dispatch_layout", dispatch_layout_kernel,
-                    {"expert_bounds_ptr": "*i32", "num_tokens_post_padded_ptr": "*i32", "expert_ids_ptr": "*i32",
-                     "sorted_token_ids_ptr": "*i32", "num_slots": "i32", "num_experts": "i32", "max_blocks": "i32",
-                     "BLOCK_M": "constexpr", "BLOCKS": "constexpr", "E_P2": "constexpr"},
-                    {"BLOCK_M": bm, "BLOCKS": p["BLOCKS"], "E_P2": p["E_P2"]})
+                for ids in (torch.int32, torch.int64):
+                    for launch in _dispatch_launches(M, shape.top_k, shape.experts, bm, ids):
+                        spec = spec_from_launch("?", launch)
+                        ident = (launch.fn.__name__, repr(spec.signature), repr(spec.constexprs), repr(spec.attrs),
+                                 repr(spec.amd_attrs), spec.num_warps)
+                        if ident in seen:
+                            continue
+                        seen.add(ident)
+                        label = ",".join(f"{k}={v}" for k, v in spec.constexprs.items() if k.isupper())
+                        spec.name = (f"{launch.fn.__name__.removesuffix('_kernel')}[{label}; {key} M={M}"
+                                     + (f" BLOCK_M={bm}" if "BLOCK_M" not in spec.constexprs else "")
+                                     + "]" + (f" {spec.signature['topk_ids_ptr'][1:]} ids"
+                                              if "topk_ids_ptr" in spec.signature else ""))
+                        specs.append(spec)
     return specs

@@ -112,16 +112,42 @@ def grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_token_ids_ptr, expert_ids_
     ### END SOLUTION
 
 
+# The tuned NVIDIA table was tuned on an H100 (sm_90) and runs on Hopper and newer. On sm_80 (A100) its
+# 128x256 8-warp tile spills registers (docs/compile-report.md), so older NVIDIA GPUs run DEFAULT_GPU_TABLE,
+# as AMD GPUs do until an AMD table (grouped_gemm.amd.json) is tuned and committed.
+TUNED_MIN_SM = 90
+
+
+def gpu_table_for(target: str):
+    """The table a GPU of compile target ``target`` (``"sm_90"``, ``"sm_80"``, ``"gfx942"``, ... as
+    :func:`triton_moe.vendor.current_target` names it) runs: its vendor's tuned ``grouped_gemm.<vendor>.json``
+    where one is committed (NVIDIA: on sm_90 and newer only), else :data:`DEFAULT_GPU_TABLE`."""
+    vendor = "amd" if target.startswith("gfx") else "nvidia"
+    path = TABLES / f"grouped_gemm.{vendor}.json"
+    if not path.exists():
+        return DEFAULT_GPU_TABLE
+    if vendor == "nvidia" and target.startswith("sm_") and int(target[3:].rstrip("a")) < TUNED_MIN_SM:
+        return DEFAULT_GPU_TABLE
+    return load_table(path)
+
+
 def load_gpu_table(vendor: str):
-    """The tuned table of this vendor if one is committed, else :data:`DEFAULT_GPU_TABLE`."""
+    """The tuned table of this vendor if one is committed, else :data:`DEFAULT_GPU_TABLE` (whatever the
+    architecture: :func:`gpu_table_for` is what a GPU runs)."""
     path = TABLES / f"grouped_gemm.{vendor}.json"
     return load_table(path) if path.exists() else DEFAULT_GPU_TABLE
 
 
 def config_table():
-    """The table this machine uses: CPU_TABLE in interpreter mode, the vendor's GPU table otherwise."""
+    """The table this machine uses: CPU_TABLE in interpreter mode, otherwise :func:`gpu_table_for` this GPU's
+    compile target (the vendor's tuned table when the target cannot be read)."""
     if not ON_GPU:
         return CPU_TABLE
+    from ..vendor import current_target
+
+    target = current_target()
+    if target:
+        return gpu_table_for(target)
     return load_gpu_table("amd" if getattr(torch.version, "hip", None) else "nvidia")
 
 
@@ -203,26 +229,61 @@ def grouped_gemm_reference(a, w, topk_ids, a_rows_per_token):
     return out
 
 
+def _launch_specs(shape, M: int, cfg: KernelConfig, label: str, vendors: tuple = ("nvidia", "amd"),
+                  targets: tuple = ()) -> list:
+    """The launches :func:`moe_forward_grouped` makes for ``M`` tokens of ``shape`` with ``cfg`` (gate/up:
+    rows gathered from x with ``a_rows_per_token = top_k``; down: one row of h per slot, ``a_rows_per_token
+    = 1``, which a launch turns into the constant 1), recorded from :func:`grouped_gemm` itself on ``meta``
+    tensors, in bf16 and fp16."""
+    from ..crosscompile import capture_launches, retyped, spec_from_launch
+    from ..reference import dispatch_sizes
+
+    E, k, H, F = shape.experts, shape.top_k, shape.hidden, shape.ffn
+    size, max_blocks = dispatch_sizes(M, k, E, cfg.BLOCK_M)
+    meta = dict(device="meta")
+    d = (torch.empty(size, dtype=torch.int32, **meta), torch.empty(max_blocks, dtype=torch.int32, **meta),
+         torch.empty(1, dtype=torch.int32, **meta))
+    x = torch.empty(M, H, dtype=torch.float16, **meta)
+    w13 = torch.empty(E, F, H, dtype=torch.float16, **meta)
+    w2 = torch.empty(E, H, F, dtype=torch.float16, **meta)
+    h = torch.empty(M * k, F, dtype=torch.float16, **meta)
+    with capture_launches(grouped_gemm_kernel) as launches:
+        grouped_gemm(x, w13, *d, k, cfg)        # gate (and up: the same launch)
+        grouped_gemm(h, w2, *d, 1, cfg)         # down
+    specs = []
+    for proj, launch in zip(("gate/up", "down"), launches):
+        name = (f"grouped_gemm[{label}: BLOCK_M={cfg.BLOCK_M},BLOCK_N={cfg.BLOCK_N},BLOCK_K={cfg.BLOCK_K},"
+                f"GROUP_M={cfg.GROUP_M},warps={cfg.num_warps},stages={cfg.num_stages}"
+                + "".join(f",{k_}={v}" for k_, v in sorted(cfg.extra.items())) + f"; {shape.name} {proj} M={M}] fp16")
+        spec = spec_from_launch(name, launch, vendors=vendors, targets=targets)
+        specs += [retyped(spec, "fp16", "bf16"), spec]
+    return specs
+
+
 def compile_specs() -> list:
-    """Every config of every table (CPU, GPU default, committed vendor tables), in bf16 and fp16."""
-    tables = [("cpu", CPU_TABLE), ("default", DEFAULT_GPU_TABLE)]
-    tables += [(p.stem.split(".")[-1], load_table(p)) for p in sorted(TABLES.glob("grouped_gemm.*.json"))]
-    seen, specs = set(), []
-    for tname, table in tables:
-        for _, cfg in table:
-            for dt in ("bf16", "fp16"):
-                key = (dataclasses.astuple(cfg)[:6], tuple(sorted(cfg.extra.items())), dt)
-                if key in seen:
-                    continue
+    """What every GPU target runs, as :func:`grouped_gemm` launches it (see :func:`_launch_specs`): each
+    target's table (:func:`gpu_table_for`; the tuned NVIDIA table on sm_90 only, the portable
+    DEFAULT_GPU_TABLE elsewhere) for Mixtral-8x7B (the shape the tables are tuned for) at the largest M of each
+    table row (4096 tokens for the last), in bf16 and fp16. The CPU table is left out: only the interpreter
+    runs it, and the interpreter compiles nothing."""
+    from ..crosscompile import TARGETS
+    from ..shapes import MODELS
+
+    shape = MODELS["mixtral"]
+    groups: dict = {}  # one entry per distinct table: (label, table) -> targets that run it
+    for t in TARGETS:
+        table = gpu_table_for(t)
+        label = "portable" if table is DEFAULT_GPU_TABLE else f"tuned {'amd' if t.startswith('gfx') else 'nvidia'}"
+        key = (label, repr([(m, c, sorted(c.extra.items())) for m, c in table]))
+        groups.setdefault(key, (table, []))[1].append(t)
+    specs = []
+    for (label, _), (table, targets) in groups.items():
+        vendors = tuple(dict.fromkeys(TARGETS[t].vendor for t in targets))
+        seen = set()
+        for max_m, cfg in table:
+            M = min(4096, -(-max_m // shape.top_k))
+            key = (dataclasses.astuple(cfg)[:6], tuple(sorted(cfg.extra.items())), M)
+            if key not in seen:
                 seen.add(key)
-                sig = {"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "sorted_token_ids_ptr": "*i32",
-                       "expert_ids_ptr": "*i32", "num_tokens_post_padded_ptr": "*i32"}
-                sig.update({n: "i32" for n in ("N", "K", "num_slots", "a_rows_per_token", "stride_am", "stride_ak",
-                                               "stride_we", "stride_wn", "stride_wk", "stride_om", "stride_on")})
-                const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
-                sig.update({k: "constexpr" for k in const})
-                name = (f"grouped_gemm[{tname}: BLOCK_M={cfg.BLOCK_M},BLOCK_N={cfg.BLOCK_N},BLOCK_K={cfg.BLOCK_K},"
-                        f"GROUP_M={cfg.GROUP_M},warps={cfg.num_warps},stages={cfg.num_stages}] {dt}")
-                specs.append(CompileSpec(name, grouped_gemm_kernel, sig, const, cfg.num_warps, cfg.num_stages,
-                                         dict(cfg.extra)))
+                specs += _launch_specs(shape, M, cfg, f"{label}, {'/'.join(targets)}", vendors, tuple(targets))
     return specs

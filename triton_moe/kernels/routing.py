@@ -265,43 +265,51 @@ def append_shared_expert(weights: torch.Tensor, ids: torch.Tensor, shared_id: in
     return torch.cat([weights, w], dim=1), torch.cat([ids, i], dim=1)
 
 
-def compile_specs() -> list:
-    """Both routers for every model of :data:`triton_moe.shapes.MODELS` and its CPU copy, bf16 and fp16
-    logits (Mixtral/Qwen3: topk_softmax with and without renormalisation; DeepSeek-V3: its grouped router
-    with n_group=8, topk_group=4 at full size, 4 and 2 for the CPU copy), with the default launch config and
-    the one of every committed launch table."""
-    from ..shapes import CPU_SHAPES, MODELS
+ROUTER_SPEC_TOKENS = (1, 4096)  # decode (a launch makes M=1 the constant 1) and prefill
 
-    tables = [launch_table(p.stem.split(".")[-1]) for p in sorted(TABLES.glob("routing.*.json"))]
-    specs, seen = [], set()
-    for key, shape in list(MODELS.items()) + [(k + " (cpu)", s) for k, s in CPU_SHAPES.items()]:
-        E, k = shape.experts, shape.top_k
-        kernel = "deepseek_v3_route" if shape.router == "deepseek_v3" else "topk_softmax"
-        launches = {(tokens_per_program(E), 4)}
-        for t in tables:
-            rows = t.get(kernel, [])
-            hit = [r for r in rows if E <= r[0]] or rows[-1:]
-            launches |= {(r[1], r[2]) for r in hit[:1]}
-        for block_t, warps in sorted(launches):
-            base = {"TOP_K": k, "K_P2": next_pow2(k), "BLOCK_T": block_t, "BLOCK_E": next_pow2(E)}
-            for dt in ("bf16", "fp16"):
-                if kernel == "deepseek_v3_route":
-                    n_group, topk_group = (8, 4) if E >= 64 else (4, 2)
-                    variants = [({**base, "N_GROUP": n_group, "G_P2": next_pow2(n_group), "TOPK_GROUP": topk_group}, "")]
-                else:
-                    variants = [({**base, "RENORMALIZE": r}, f", renormalize={r}") for r in (True, False)]
-                for const, label in variants:
-                    sig = {"logits_ptr": f"*{dt}"}
-                    if kernel == "deepseek_v3_route":
-                        sig["bias_ptr"] = "*fp32"
-                    sig.update({"weights_ptr": "*fp32", "ids_ptr": "*i32", "M": "i32", "E": "i32", "stride_lm": "i32"})
-                    if kernel == "deepseek_v3_route":
-                        sig["scale"] = "fp32"
-                    sig.update({c: "constexpr" for c in const})
-                    name = f"{kernel}[{key}{label}, BLOCK_T={block_t}, warps={warps}] {dt}"
-                    if name in seen:
-                        continue
-                    seen.add(name)
-                    fn = deepseek_v3_route_kernel if kernel == "deepseek_v3_route" else topk_softmax_kernel
-                    specs.append(CompileSpec(name, fn, sig, const, num_warps=warps))
+
+def _router_launches(shape, vendor: str, M: int) -> list:
+    """The launches the router of ``shape`` makes for ``M`` tokens on a ``vendor`` GPU, recorded from the host
+    wrapper itself on ``meta`` fp16 logits with that vendor's launch table (``tables/routing.<vendor>.json``,
+    defaults where none): [(label, launch)] (topk_softmax with and without renormalisation)."""
+    from ..crosscompile import capture_launches
+
+    global launch_table
+    E, k = shape.experts, shape.top_k
+    logits = torch.empty(M, E, dtype=torch.float16, device="meta")
+    real_table, launch_table = launch_table, (lambda v=None: real_table(vendor))  # as on that vendor's GPU
+    try:
+        with capture_launches(topk_softmax_kernel, deepseek_v3_route_kernel) as launches:
+            if shape.router == "deepseek_v3":
+                bias = torch.empty(E, dtype=torch.float32, device="meta")
+                deepseek_v3_route(logits, bias, k, 8, 4, 2.5)  # DeepSeek-V3: n_group=8, topk_group=4
+                labels = [""]
+            else:
+                for renormalize in (True, False):
+                    topk_softmax(logits, k, renormalize)
+                labels = [", renormalize=True", ", renormalize=False"]
+    finally:
+        launch_table = real_table
+    return list(zip(labels, launches))
+
+
+def compile_specs() -> list:
+    """Both routers for every model of :data:`triton_moe.shapes.MODELS` as the host wrappers launch them
+    (:func:`_router_launches`) at M = 1 and 4096 tokens, bf16 and fp16 logits, with each vendor's launch
+    table on that vendor's targets (Mixtral/Qwen3: topk_softmax with and without renormalisation;
+    DeepSeek-V3: its grouped router, n_group=8, topk_group=4). The CPU copies of the models are left out:
+    only the interpreter runs them."""
+    from ..crosscompile import retyped, spec_from_launch
+    from ..shapes import MODELS
+
+    specs = []
+    for key, shape in MODELS.items():
+        for vendor in ("nvidia", "amd"):
+            for M in ROUTER_SPEC_TOKENS:
+                for label, launch in _router_launches(shape, vendor, M):
+                    kw = launch.kwargs
+                    name = (f"{launch.fn.__name__.removesuffix('_kernel')}[{key}{label}, M={M}, "
+                            f"BLOCK_T={kw['BLOCK_T']}, warps={kw.get('num_warps', 4)}, {vendor}] fp16")
+                    spec = spec_from_launch(name, launch, vendors=(vendor,))
+                    specs += [retyped(spec, "fp16", "bf16"), spec]
     return specs
