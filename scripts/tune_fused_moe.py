@@ -57,6 +57,10 @@ GATE_UP = [
     C(64, 128, 64, 8, 4, 3),
     C(128, 64, 64, 8, 8, 4), C(128, 128, 64, 8, 8, 3), C(128, 64, 128, 8, 8, 3), C(128, 128, 64, 8, 4, 3),
     C(128, 128, 64, 8, 8, 4), C(128, 64, 64, 8, 4, 4),
+    # run 5: narrower decode tiles (more programs streaming the weights), deeper pipelines, BLOCK_M 256
+    C(16, 16, 256, 8, 4, 4), C(16, 32, 256, 8, 4, 5), C(16, 16, 512, 8, 4, 3), C(32, 32, 256, 8, 4, 4),
+    C(64, 128, 64, 8, 4, 5), C(128, 128, 32, 8, 8, 6), C(128, 128, 64, 8, 4, 4),
+    C(256, 64, 64, 8, 8, 4), C(256, 128, 64, 8, 8, 3), C(256, 64, 64, 8, 8, 3),
 ]
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), split-K values (a run-time argument).
 DOWN = [
@@ -67,6 +71,11 @@ DOWN = [
     (C(64, 256, 64, 8, 8, 3), (1,)),
     (C(128, 128, 64, 8, 8, 4), (1, 2)), (C(128, 256, 64, 8, 8, 3), (1,)), (C(128, 128, 128, 8, 8, 3), (1, 2)),
     (C(128, 128, 64, 8, 4, 4), (1,)),
+    # run 5
+    (C(16, 32, 256, 8, 4, 5), (1, 2, 4)), (C(16, 64, 256, 8, 4, 4), (2, 4)), (C(16, 32, 512, 8, 4, 3), (1, 2)),
+    (C(32, 64, 256, 8, 4, 3), (1, 2)),
+    (C(128, 256, 64, 8, 8, 4), (1, 2)), (C(128, 256, 64, 8, 8, 3), (2,)), (C(128, 128, 64, 8, 8, 5), (1, 2)),
+    (C(256, 128, 64, 8, 8, 4), (1,)), (C(256, 128, 64, 8, 8, 3), (1,)), (C(256, 64, 128, 8, 8, 3), (1,)),
 ]
 
 
@@ -75,7 +84,9 @@ def allowed_block_m(M: int, experts: int, top_k: int) -> list[int]:
     experts take most slots), at most the three largest."""
     rows_hot = min(M * top_k, 8 * M * top_k / experts)
     bms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, 2 * rows_hot)]
-    return bms[-3:]
+    # BLOCK_M 256 once the average expert has 256 rows (prefill): fewer, larger programs, each weight tile
+    # feeding twice the rows (run 5)
+    return bms[-3:] + ([256] if M * top_k >= 256 * experts else [])
 
 
 def bench(fn) -> float:

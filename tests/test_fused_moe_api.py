@@ -8,7 +8,8 @@ from torch import nn
 
 import triton_moe  # noqa: F401
 from triton_moe.checking import relative_error, tolerance
-from triton_moe.kernels.fused_moe import FusedMoEBlock, _dispatch_torch, fused_experts, fused_moe
+from triton_moe.kernels.fused_moe import (SMALL_SLOTS, FusedMoEBlock, _dispatch_torch, dispatch, fused_experts,
+                                         fused_moe, route, route_dispatch, small_path)
 from triton_moe.mode import ON_GPU
 from triton_moe.reference import make_problem, moe_reference, sorted_dispatch_reference
 from triton_moe.shapes import MODELS, MoEShape
@@ -129,6 +130,32 @@ def test_deterministic_is_bit_identical():
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
+@pytest.mark.parametrize("experts,top_k,tokens,routing,block_m", [
+    (8, 2, 1, "uniform", 16), (8, 2, 32, "skewed", 16), (8, 2, 17, "uniform", 64), (16, 4, 16, "empty", 16),
+    (32, 8, 8, "skewed", 32), (128, 8, 3, "uniform", 16), (256, 8, 8, "skewed", 16), (256, 8, 1, "uniform", 64)])
+def test_route_dispatch_matches_route_then_dispatch(experts, top_k, tokens, routing, block_m):
+    """The decode path's one launch (routing + dispatch + zeroing) gives what route() then dispatch() give:
+    the same ids and weights, and chapter 2's dispatch contract exactly."""
+    shape = MoEShape("t", 64, 64, experts, top_k)
+    p = make_problem(shape, tokens, torch.float32, DEV, seed=tokens + experts, routing=routing)
+    for renorm in (True, False):
+        acc = torch.full((tokens, 48), float("nan"), device=DEV)
+        w, ids, *d = route_dispatch(p.logits, top_k, renorm, block_m, acc)
+        w_ref, ids_ref = route(p.logits, top_k, renorm)
+        assert torch.equal(ids, ids_ref)
+        assert torch.allclose(w, w_ref, rtol=1e-6, atol=1e-7)
+        for got, want in zip(d, sorted_dispatch_reference(ids_ref.cpu(), experts, block_m)):
+            assert torch.equal(got.cpu().long(), want.long())
+        assert torch.equal(acc, torch.zeros_like(acc))
+
+
+def test_small_path_bounds():
+    assert small_path(1, 256, 8) and small_path(SMALL_SLOTS // 2, 8, 2) and not small_path(SMALL_SLOTS, 8, 2)
+    assert not small_path(1, 512, 8)
+    with pytest.raises(ValueError, match="route_dispatch serves"):
+        route_dispatch(torch.randn(64, 8, device=DEV), 2, True, 16)
+
+
 @pytest.mark.parametrize("tokens,routing", [(1, "uniform"), (23, "empty"), (40, "skewed")])
 def test_torch_dispatch_matches_contract(tokens, routing):
     p = make_problem(MODELS["qwen3"].scaled(64, 64, 16, 4), tokens, torch.float32, "cpu", seed=tokens, routing=routing)
@@ -222,6 +249,24 @@ def test_gpu_many_expert_shapes_bf16(key, tokens):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("key,tokens,routing", [("qwen3", 1, "uniform"), ("qwen3", 8, "skewed"),
+                                                ("deepseek_v3", 4, "uniform"), ("mixtral", 32, "skewed")])
+def test_gpu_decode_path_bf16(key, tokens, routing):
+    """fused_moe at decode sizes (one launch for routing, dispatch and zeroing) against float64, both combines,
+    and its dispatch against chapter 2's kernels."""
+    p = make_problem(MODELS[key], tokens, torch.bfloat16, "cuda", routing=routing)
+    k = p.shape.top_k
+    assert small_path(tokens, p.shape.experts, k)
+    ref = moe_reference(p.x, p.topk_weights, p.topk_ids, p.w1, p.w3, p.w2)
+    for det in (False, True):
+        out = fused_moe(p.x, p.logits, p.w1, p.w3, p.w2, k, deterministic=det)
+        assert relative_error(out, ref) < tolerance(torch.bfloat16), (key, tokens, det)
+    w, ids, *d = route_dispatch(p.logits, k, True, 16)
+    assert torch.equal(ids, route(p.logits, k)[1])
+    assert all(torch.equal(a, b) for a, b in zip(d, dispatch(ids, p.shape.experts, 16)))
+
+
+@pytest.mark.gpu
 def test_gpu_fp16():
     p = make_problem(MODELS["mixtral"], 33, torch.float16, "cuda")
     out = fused_moe(p.x, p.logits, p.w1, p.w3, p.w2, 2)
@@ -230,8 +275,9 @@ def test_gpu_fp16():
 
 
 @pytest.mark.gpu
-def test_gpu_no_host_sync():
-    p = make_problem(MODELS["mixtral"], 64, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("tokens", [64, 4])  # 4: the decode path
+def test_gpu_no_host_sync(tokens):
+    p = make_problem(MODELS["mixtral"], tokens, torch.bfloat16, "cuda")
     block = FusedMoEBlock(p.router_weight, p.w1, p.w3, p.w2, 2)
     for det in (False, True):  # compile first: the first launch may synchronise while loading the module
         fused_moe(p.x, p.logits, p.w1, p.w3, p.w2, 2, deterministic=det)
@@ -249,8 +295,9 @@ def test_gpu_no_host_sync():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("det", [False, True])
-def test_gpu_cuda_graph_capture_and_replay(det):
-    p = make_problem(MODELS["mixtral"], 48, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("tokens", [48, 8])  # 8: the decode path
+def test_gpu_cuda_graph_capture_and_replay(det, tokens):
+    p = make_problem(MODELS["mixtral"], tokens, torch.bfloat16, "cuda")
     x, logits = p.x.clone(), p.logits.clone()
     run = lambda: fused_moe(x, logits, p.w1, p.w3, p.w2, 2, deterministic=det)  # noqa: E731
     s = torch.cuda.Stream()

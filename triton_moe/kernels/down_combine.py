@@ -114,13 +114,15 @@ SUM_BLOCK_N = 1024
 
 
 def down_combine(h, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                 deterministic=False, config=None, out=None):
+                 deterministic=False, config=None, out=None, acc=None):
     """The MoE output ``[M, hidden]`` in h's dtype: each slot's row of ``h @ W2[e].T`` times its routing
     weight, summed over each token's top-k slots.
 
     h: [M * top_k, ffn] (fused gate+up output, slot order); w2: [E, hidden, ffn]; topk_weights: [M, top_k]
     (fp32, or any float dtype); the dispatch tensors follow chapter 2's contract. ``deterministic=True``
-    gives bit-identical results from run to run (per-slot rows + an ordered sum) instead of atomics."""
+    gives bit-identical results from run to run (per-slot rows + an ordered sum) instead of atomics.
+    ``acc``: an fp32 [M, hidden] buffer, already zero, for the atomic adds (saves the zeroing launch when
+    an earlier kernel cleared it); ignored when deterministic."""
     validate.tensor("h", h, ndim=2, dtypes=validate.FLOAT_DTYPES, nonempty=True)
     check_interpreter_dtype("h", h.dtype)
     validate.tensor("topk_weights", topk_weights, ndim=2, dtypes=validate.FLOAT_DTYPES, device=h.device)
@@ -145,8 +147,10 @@ def down_combine(h, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_p
     weights = topk_weights.float().reshape(-1)  # a view when already fp32 and contiguous
     if deterministic:
         acc = torch.empty((M * top_k, H), dtype=torch.float32, device=h.device)  # every slot row is written
-    else:
+    elif acc is None:
         acc = torch.zeros((M, H), dtype=torch.float32, device=h.device)
+    else:
+        validate.tensor("acc", acc, shape=(M, H), dtypes=(torch.float32,), device=h.device)
     num_blocks = blocks_bound(M * top_k, E, block_m, expert_ids.numel())
     EM = num_blocks * block_m
     grid = (num_blocks * triton.cdiv(H, cfg.BLOCK_N), split_k)

@@ -13,6 +13,11 @@ The forward, in launches (no host synchronisation anywhere, so a CUDA graph can 
 3. ``fused_gate_up`` (chapter 4) -> silu(x W1^T) * (x W3^T), [M * k, ffn] in x's dtype;
 4. ``down_combine`` (chapter 5) -> h W2^T times the routing weight, top-k rows added per token, [M, hidden].
 
+Decode (``M * top_k <= SMALL_SLOTS``): steps 1 and 2 and the zeroing of the fp32 combine buffer are one
+launch, :func:`route_dispatch_kernel` (one program routes all tokens and lays out the dispatch from an
+[S, S] comparison of the S slots; the others zero the buffer), so a forward is 4 launches instead of 9: at
+decode the kernels are a few microseconds each and every launch in a CUDA graph costs about as much.
+
 Weights are stacked ``[E, N, K]``: ``w1, w3: [E, ffn, hidden]`` (gate, up), ``w2: [E, hidden, ffn]`` (down),
 all contiguous, in x's dtype (bf16 or fp16 on a GPU; fp32 works too, with tf32 dots; fp32 or fp16 on the
 CPU interpreter). Launch configs come from the tables of :mod:`triton_moe.kernels.fused_gate_up`, keyed by M.
@@ -20,9 +25,12 @@ CPU interpreter). Launch configs come from the tables of :mod:`triton_moe.kernel
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
 from .. import validate
+from ..crosscompile import DIV16, CompileSpec
 from ..mode import check_interpreter_dtype
 from ..reference import dispatch_sizes
 from .down_combine import down_combine
@@ -80,6 +88,149 @@ def dispatch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     except ImportError:  # pragma: no cover - chapter 2 not installed
         return _dispatch_torch(topk_ids, num_experts, block_m)
     return sorted_dispatch(topk_ids, num_experts, block_m)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode: routing, dispatch and zeroing in one launch
+
+SMALL_SLOTS = 64      # M * top_k up to this takes the one-launch routing + dispatch
+SMALL_EXPERTS = 256   # and E up to this (one program holds a [tokens, E] tile of logits)
+ZERO_BLOCK = 2048     # fp32 values of the combine buffer each zeroing program clears
+
+
+@triton.jit(do_not_specialize=["M", "acc_numel", "size", "max_blocks"])
+def route_dispatch_kernel(logits_ptr, weights_ptr, ids_ptr, sorted_token_ids_ptr, expert_ids_ptr,
+                          num_tokens_post_padded_ptr, acc_ptr,
+                          M, E, stride_lm, acc_numel, size, max_blocks,
+                          TOP_K: tl.constexpr, K_P2: tl.constexpr, RENORMALIZE: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, S_P2: tl.constexpr,
+                          BLOCK_M: tl.constexpr, FILL: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+    """Program 0: softmax top-k of the M <= BLOCK_T tokens (chapter 2's ``topk_softmax``), then the sorted
+    dispatch of their S = M * TOP_K slots (chapter 2's contract), computed from an [S, S] comparison:
+    a slot's rank among the slots of its expert, its expert's count, and where its expert's padded run
+    starts. Programs 1..: zero ZERO_BLOCK values each of the fp32 combine buffer (acc_numel of them)."""
+    pid = tl.program_id(0)
+    if pid > 0:
+        offs_z = (pid - 1) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+        tl.store(acc_ptr + offs_z, tl.zeros([ZERO_BLOCK], dtype=tl.float32), mask=offs_z < acc_numel)
+    else:
+        # Routing, as topk_softmax_kernel: choose on the logits (softmax is monotonic), ties to the lower id.
+        rows = tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, BLOCK_E)
+        kslots = tl.arange(0, K_P2)
+        rmask = rows < M
+        x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :],
+                    mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
+        x = tl.where(rmask[:, None], x, 0.0)
+        x_max = tl.max(x, axis=1)
+        denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
+        chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
+        chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(x, axis=1)
+            idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)
+            chosen_ids = tl.where(kslots[None, :] == j, idx[:, None], chosen_ids)
+            chosen_w = tl.where(kslots[None, :] == j, tl.exp(best - x_max)[:, None], chosen_w)
+            x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
+        if RENORMALIZE:
+            denom = tl.sum(chosen_w, axis=1)
+        out = rows[:, None] * TOP_K + kslots[None, :]
+        omask = rmask[:, None] & (kslots[None, :] < TOP_K)
+        tl.store(ids_ptr + out, chosen_ids, mask=omask)
+        tl.store(weights_ptr + out, chosen_w / denom[:, None], mask=omask)
+        # Sentinels everywhere, -1 for every block (the unused tail stays so, as the contract says).
+        for r0 in range(0, size, FILL):
+            r = r0 + tl.arange(0, FILL)
+            tl.store(sorted_token_ids_ptr + r, tl.zeros([FILL], dtype=tl.int32) + M * TOP_K, mask=r < size)
+        for b0 in range(0, max_blocks, FILL):
+            b = b0 + tl.arange(0, FILL)
+            tl.store(expert_ids_ptr + b, tl.zeros([FILL], dtype=tl.int32) - 1, mask=b < max_blocks)
+        tl.debug_barrier()   # the ids above, and the fills, before the reads and overwrites below
+        # Dispatch from the [S, S] comparison of the slots' experts.
+        num_slots = M * TOP_K
+        s = tl.arange(0, S_P2)
+        valid = s < num_slots
+        e = tl.load(ids_ptr + s, mask=valid, other=-1)
+        same = (e[:, None] == e[None, :]) & valid[:, None] & valid[None, :]
+        rank = tl.sum((same & (s[None, :] < s[:, None])).to(tl.int32), axis=1)   # earlier slots, same expert
+        count = tl.sum(same.to(tl.int32), axis=1)                               # slots of this expert
+        padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        first = valid & (rank == 0)                                             # one slot per active expert
+        lower = first[None, :] & (e[None, :] < e[:, None])                      # runs of lower experts
+        start = tl.sum(tl.where(lower, padded[None, :], 0), axis=1)
+        row = start + rank
+        tl.store(sorted_token_ids_ptr + row, s, mask=valid)
+        tl.store(expert_ids_ptr + row // BLOCK_M, e, mask=valid & (rank % BLOCK_M == 0))
+        tl.store(num_tokens_post_padded_ptr, tl.sum(tl.where(first, padded, 0), axis=0))
+
+
+def route_dispatch_warps(block_t: int, block_e: int, s_p2: int, vendor_name: str) -> int:
+    """NVIDIA: one warp (the top-k is TOP_K rounds of row reductions; across warps each round goes through
+    shared memory and barriers: chapter 2's tuning measured the DeepSeek-V3 router at 4.1 µs with one warp,
+    22 µs with four), two for the largest tiles. AMD: 8 warps from a [tokens, E] tile of 1024 logits or 32
+    slots on (fewer spill SGPRs on gfx942/gfx90a there), else 4."""
+    if vendor_name == "nvidia":
+        return 2 if block_t * block_e >= 2048 else 1
+    return 8 if block_t * block_e >= 1024 or s_p2 >= 32 else 4
+
+
+def _vendor() -> str:
+    from .fused_gate_up import vendor
+
+    return vendor()
+
+
+def small_path(M: int, E: int, top_k: int) -> bool:
+    """Whether :func:`fused_moe` takes the one-launch routing + dispatch (decode sizes)."""
+    return M * top_k <= SMALL_SLOTS and E <= SMALL_EXPERTS
+
+
+def route_dispatch(router_logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int,
+                   acc: torch.Tensor | None = None):
+    """Routing and dispatch of a decode-sized batch in one launch (and, given ``acc``, its zeroing):
+    returns ``(topk_weights, topk_ids, sorted_token_ids, expert_ids, num_tokens_post_padded)`` exactly as
+    :func:`route` then :func:`dispatch` would (chapter 2's contract). Needs ``M * top_k <= SMALL_SLOTS``
+    and at most ``SMALL_EXPERTS`` experts."""
+    from .routing import check_logits, next_pow2
+
+    check_logits(router_logits)
+    M, E = router_logits.shape
+    validate.top_k(top_k, E)
+    if not small_path(M, E, top_k):
+        raise ValueError(f"route_dispatch serves M * top_k <= {SMALL_SLOTS} and E <= {SMALL_EXPERTS}, "
+                         f"got M={M}, top_k={top_k}, E={E}")
+    dev = router_logits.device
+    size, max_blocks = dispatch_sizes(M, top_k, E, block_m)
+    weights = torch.empty(M, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(M, top_k, dtype=torch.int32, device=dev)
+    sorted_token_ids = torch.empty(size, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    acc_numel = 0 if acc is None else acc.numel()
+    acc_arg = weights if acc is None else acc   # never written when acc_numel == 0
+    route_dispatch_kernel[(1 + triton.cdiv(acc_numel, ZERO_BLOCK),)](
+        router_logits, weights, ids, sorted_token_ids, expert_ids, num_post, acc_arg,
+        M, E, router_logits.stride(0), acc_numel, size, max_blocks,
+        TOP_K=top_k, K_P2=next_pow2(top_k), RENORMALIZE=bool(renormalize), BLOCK_T=next_pow2(M),
+        BLOCK_E=next_pow2(E), S_P2=next_pow2(M * top_k), BLOCK_M=block_m, FILL=1024, ZERO_BLOCK=ZERO_BLOCK,
+        num_warps=route_dispatch_warps(next_pow2(M), next_pow2(E), next_pow2(M * top_k), _vendor()))
+    return weights, ids, sorted_token_ids, expert_ids, num_post
+
+
+def _fused_moe_small(x, router_logits, w1, w3, w2, top_k, renormalize, deterministic, out):
+    """:func:`fused_moe` at decode sizes: routing + dispatch + zeroing (one launch), gate+up, down+combine,
+    and the cast (or the ordered sum): 4 launches."""
+    M, H, E, F = _check_weights(x, w1, w3, w2)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    cfg_up = pick_config("fused_gate_up", M, H, F, E, top_k)
+    cfg_down = with_block_m(pick_config("down_combine", M, H, F, E, top_k), cfg_up.BLOCK_M)
+    acc = None if deterministic else torch.empty((M, H), dtype=torch.float32, device=x.device)
+    topk_weights, _, sorted_token_ids, expert_ids, num_post = route_dispatch(
+        router_logits, top_k, renormalize, cfg_up.BLOCK_M, acc)
+    h = fused_gate_up(x, w1, w3, sorted_token_ids, expert_ids, num_post, top_k, cfg_up)
+    return down_combine(h, w2, topk_weights, sorted_token_ids, expert_ids, num_post, deterministic, cfg_down, out,
+                        acc=acc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,8 +294,59 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w1: torch.Tensor, w3
     validate.tensor("router_logits", router_logits, shape=(M, E), dtypes=validate.FLOAT_DTYPES + (torch.float64,),
                     device=x.device)
     validate.top_k(top_k, E)
+    if small_path(M, E, top_k):  # decode: routing, dispatch and zeroing in one launch (4 launches in all)
+        return _fused_moe_small(x, router_logits, w1, w3, w2, top_k, bool(renormalize), deterministic, out)
     topk_weights, topk_ids = route(router_logits, top_k, bool(renormalize))
     return fused_experts(x, topk_weights, topk_ids, w1, w3, w2, deterministic=deterministic, out=out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-compilation specs (chapter 6): the one-launch routing + dispatch for every model shape, every
+# decode M, every BLOCK_M the tables give it, bf16 / fp16 logits (fp32 too: the router often runs in fp32).
+
+
+def compile_specs() -> list[CompileSpec]:
+    from ..shapes import BATCH_SIZES, CPU_SHAPES, MODELS
+    from .fused_gate_up import all_configs
+    from .routing import next_pow2
+
+    from ..configs import pick
+    from .fused_gate_up import GPU_FALLBACK, shape_key, tuned_tables
+
+    specs, seen = [], set()
+    for key, shape in list(MODELS.items()) + [(k + " (cpu)", v) for k, v in CPU_SHAPES.items()]:
+        E, k = shape.experts, shape.top_k
+        tables = [GPU_FALLBACK["fused_gate_up"]]          # and the tuned ones (AMD adapts them, same BLOCK_M)
+        for v in ("nvidia", "amd"):
+            tuned = tuned_tables("fused_gate_up", v)
+            t = tuned.get(shape_key(shape.hidden, shape.ffn, E, k)) or tuned.get("default")
+            tables += [t] if t else []
+        for M in BATCH_SIZES:
+            if not small_path(M, E, k):
+                continue
+            for bm in sorted({pick(t, M).BLOCK_M for t in tables}):   # the BLOCK_M a launch at M can get
+                for dt in ("bf16", "fp32"):                              # fp16 logits compile as bf16 do
+                    const = {"TOP_K": k, "K_P2": next_pow2(k), "RENORMALIZE": True, "BLOCK_T": next_pow2(M),
+                             "BLOCK_E": next_pow2(E), "S_P2": next_pow2(M * k), "BLOCK_M": bm, "FILL": 1024,
+                             "ZERO_BLOCK": ZERO_BLOCK}
+                    name = "route_dispatch[" + ",".join(f"{a}={b}" for a, b in const.items()) + f"] {dt}"
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    sig = {"logits_ptr": f"*{dt}", "weights_ptr": "*fp32", "ids_ptr": "*i32",
+                           "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+                           "num_tokens_post_padded_ptr": "*i32", "acc_ptr": "*fp32",
+                           "M": "i32", "E": "i32", "stride_lm": "i32", "acc_numel": "i32", "size": "i32",
+                           "max_blocks": "i32"}
+                    sig.update({c: "constexpr" for c in const})
+                    for v in ("nvidia", "amd"):   # each vendor's launch has its own warps
+                        warps = route_dispatch_warps(const["BLOCK_T"], const["BLOCK_E"], const["S_P2"], v)
+                        specs.append(CompileSpec(
+                            f"{name} {v} warps={warps}", route_dispatch_kernel, sig, const, num_warps=warps,
+                            num_stages=1, vendors=(v,),
+                            attrs={p: DIV16 for p in ("logits_ptr", "weights_ptr", "ids_ptr", "sorted_token_ids_ptr",
+                                                       "expert_ids_ptr", "num_tokens_post_padded_ptr", "acc_ptr")}))
+    return specs
 
 
 # --------------------------------------------------------------------------------------------------
