@@ -22,6 +22,7 @@ a CPU table with large tiles (the interpreter costs ~7 ms per program x K step) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
@@ -138,14 +139,19 @@ def load_gpu_table(vendor: str):
     return load_table(path) if path.exists() else DEFAULT_GPU_TABLE
 
 
+@functools.lru_cache(maxsize=None)
+def _this_target() -> str:
+    from ..vendor import current_target
+
+    return current_target()
+
+
 def config_table():
     """The table this machine uses: CPU_TABLE in interpreter mode, otherwise :func:`gpu_table_for` this GPU's
     compile target (the vendor's tuned table when the target cannot be read)."""
     if not ON_GPU:
         return CPU_TABLE
-    from ..vendor import current_target
-
-    target = current_target()
+    target = _this_target()
     if target:
         return gpu_table_for(target)
     return load_gpu_table("amd" if getattr(torch.version, "hip", None) else "nvidia")
