@@ -274,6 +274,31 @@ def sweep(points, R, dtype, out_json):
         Path(out_json).write_text(json.dumps(results, indent=1))
 
 
+def ridge(points, dtype, ceilings):
+    """The best case of the expert GEMMs through cuBLAS: every expert gets exactly M * top_k / E contiguous
+    rows (no routing, no gather, no padding), gate+up as one [rows, hidden] x [hidden, 2 ffn] and down as one
+    [rows, ffn] x [ffn, hidden] torch.bmm over the experts; activation and combine left out. Its floor
+    fraction is what a dense library reaches at the same bytes and FLOPs: where it is low, the gap is the
+    ridge (both ceilings bind at once), not the MoE bookkeeping."""
+    out = []
+    for key, M in points:
+        sh = MODELS[key]
+        E, r = sh.experts, M * sh.top_k // sh.experts
+        g = torch.Generator(device="cuda").manual_seed(M)
+        x = torch.randn(E, r, sh.hidden, generator=g, device="cuda").to(dtype)
+        h = torch.randn(E, r, sh.ffn, generator=g, device="cuda").to(dtype)
+        w13t = torch.randn(E, sh.hidden, 2 * sh.ffn, generator=g, device="cuda").to(dtype)
+        w2t = torch.randn(E, sh.ffn, sh.hidden, generator=g, device="cuda").to(dtype)
+        ms, _ = timed(lambda: (torch.bmm(x, w13t), torch.bmm(h, w2t)), 1)
+        fl = floor_ms(sh, M, ceilings, 2, E)
+        line = f"ridge {sh.name:22s} M={M:5d} dense bmm (balanced, no routing) {ms:.3f} ms, floor {fl:.3f} ms, fraction {fl / ms:.2f}"
+        print(line, flush=True)
+        out.append(line)
+        del x, h, w13t, w2t
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mixtral,qwen3,deepseek_v3")
@@ -284,6 +309,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loop-max-M", type=int, default=1 << 30, help="skip the chapter-1 loop above this M")
     ap.add_argument("--no-stage", action="store_true", help="skip the gate+up stage timings (chapter 4)")
     ap.add_argument("--quick", action="store_true", help="M in 1, 16, 256, 4096; uniform routing only")
+    ap.add_argument("--ridge", action="store_true", help="also time the balanced dense torch.bmm best case at "
+                    "the large-M points (where the floor fraction of every implementation drops)")
     ap.add_argument("--sweep", action="store_true",
                     help="only time candidate configs as the whole layer (decode points and the skew gap)")
     a = ap.parse_args(argv)
@@ -352,6 +379,11 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         paths = save(rows, stage_rows)  # after every model: a run stopped at its time limit keeps what it measured
     print(f"wrote {', '.join(map(str, paths))} in {time.time() - t_start:.0f} s")
+    if a.ridge:
+        lines = ridge([("mixtral", 512), ("mixtral", 1024), ("mixtral", 4096), ("qwen3", 1024), ("qwen3", 4096),
+                       ("deepseek_v3", 4096)], dtype, ceilings)
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / "ridge.txt").write_text("\n".join(lines) + "\n")
     summary(rows)
     return 0
 
