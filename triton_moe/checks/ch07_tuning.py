@@ -1,0 +1,75 @@
+"""Chapter 7 checker: the honest floor of a timed MoE forward (count the experts its routing really used)."""
+from __future__ import annotations
+
+import torch
+
+from ..checking import CheckFailure, exercise
+from ..reference import _routing_bias, route_reference
+from ..shapes import MODELS
+
+# Ceilings of the committed H100 runs (rounded); any positive pair works.
+CEILINGS = {"copy_GBps": 3000.0, "matmul_TFLOPs": 695.0}
+
+# (model, tokens, routing): decode, skew, experts with no token, prefill (compute-bound), a 3-token batch.
+CASES = (("mixtral", 1, "uniform"), ("qwen3", 4, "skewed"), ("deepseek_v3", 16, "empty"), ("qwen3", 64, "skewed"),
+         ("mixtral", 4096, "uniform"), ("deepseek_v3", 3, "uniform"), ("mixtral", 2, "skewed"))
+
+
+def routing_ids(shape, tokens: int, routing: str, seed: int) -> torch.Tensor:
+    """topk_ids [tokens, top_k] of a softmax router on random logits (no expert weights needed)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, shape.experts, generator=gen, dtype=torch.float64)
+    logits = logits + _routing_bias(routing, shape.experts, gen)
+    return route_reference(logits, shape.top_k)[1].int()
+
+
+def _floor(shape, M, active, ceilings, activations=True, bandwidth=True, compute=True):
+    moved = active * shape.weight_bytes_per_expert(2) + (shape.activation_bytes(M, 2) if activations else 0.0)
+    t_bytes = moved / (ceilings["copy_GBps"] * 1e9) if bandwidth else 0.0
+    t_flops = shape.flops(M) / (ceilings["matmul_TFLOPs"] * 1e12) if compute else 0.0
+    return 1e3 * max(t_bytes, t_flops)
+
+
+def _close(a, b) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(b), 1e-30)
+
+
+@exercise("07", "active_floor_ms", points=1,
+          hint="count the distinct experts in topk_ids (torch.unique), weight bytes = that count x one expert's "
+               "bytes, plus activation bytes; the floor is the larger of bytes / bandwidth and FLOPs / matmul rate")
+def check_active_floor_ms(fn, seed):
+    cases = []
+    for i, (key, tokens, routing) in enumerate(CASES):
+        shape = MODELS[key]
+        ids = routing_ids(shape, tokens, routing, seed + i)
+        got = fn(shape, ids.clone(), dict(CEILINGS))
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, (int, float)):
+            raise CheckFailure(f"active_floor_ms returned a {type(got).__name__}; it should return a float (ms)")
+        active = int(torch.unique(ids).numel())
+        want = _floor(shape, tokens, active, CEILINGS)
+        if _close(got, want):
+            cases.append(f"{shape.name} M={tokens} {routing} ({active} active experts)")
+            continue
+        where = f"{shape.name}, M={tokens}, {routing} routing ({active} of {shape.experts} experts active)"
+        diagnoses = [
+            (_floor(shape, tokens, shape.expected_active_experts(tokens), CEILINGS),
+             "this is the floor for the experts a uniform router activates on average: count the experts these "
+             "topk_ids really use (torch.unique(topk_ids).numel())"),
+            (_floor(shape, tokens, ids.numel(), CEILINGS),
+             "this counts slots (tokens x top_k), not distinct experts: an expert chosen by several tokens has its "
+             "weights read once"),
+            (_floor(shape, tokens, active, CEILINGS, compute=False),
+             "this leaves out the compute bound: at large M the FLOPs / matmul rate term is the larger one"),
+            (_floor(shape, tokens, active, CEILINGS, bandwidth=False),
+             "this leaves out the memory bound: at small M the bytes / copy bandwidth term is the larger one"),
+            (_floor(shape, tokens, active, CEILINGS, activations=False),
+             "this leaves out the activation bytes (x read once, the output written once: "
+             "shape.activation_bytes(M))"),
+        ]
+        for value, hint in diagnoses:
+            if _close(got, value):
+                raise CheckFailure(f"{where}: got {got:.6g} ms, expected {want:.6g} ms", hint=hint)
+        raise CheckFailure(f"{where}: got {got:.6g} ms, expected {want:.6g} ms")
+    return cases
