@@ -72,6 +72,11 @@ class CheckResult:
 
     __repr__ = __str__
 
+    def _ipython_display_(self):
+        # The checker already printed this result; showing the returned value again would duplicate it.
+        if not getattr(self, "_printed", False):
+            print(self)
+
 
 class CheckFailure(Exception):
     """Raised inside a checker: ``message`` says what is wrong, ``hint`` what to try."""
@@ -237,20 +242,24 @@ class Exercise:
                                hint="run the cell that defines it (and keep its name)")
         seed = new_seed() if seed is None else seed
         watched = [fn] + [namespace.get(k) for k in self.kernels if namespace and namespace.get(k) is not None]
-        if any(is_untouched(f) for f in watched):
-            return CheckResult(self.key, NOT_ATTEMPTED, "the exercise still holds its stub",
-                               hint=self.hint or "replace the '# YOUR CODE HERE' block with your code", seed=seed)
+        untouched = any(is_untouched(f) for f in watched)
+        stub_note = ("the exercise still holds its stub (the '# YOUR CODE HERE' block); if you wrote code, "
+                     "delete that line and the stub lines under it")
         try:
             cases = self.check(fn, seed) or []
         except NotImplementedError as exc:
             return CheckResult(self.key, NOT_ATTEMPTED, str(exc) or "the function raises NotImplementedError",
                                hint=self.hint, seed=seed)
         except CheckFailure as exc:
+            if untouched:
+                return CheckResult(self.key, NOT_ATTEMPTED, f"{stub_note}. Checker: {exc.message}",
+                                   exc.hint or self.hint, seed)
             return CheckResult(self.key, FAILED, exc.message, exc.hint or self.hint, seed)
         except Exception as exc:  # the learner's code crashed: say where
             tb = traceback.extract_tb(exc.__traceback__)
             where = f" (at {tb[-1].name}, line {tb[-1].lineno})" if tb else ""
-            return CheckResult(self.key, FAILED, f"your code raised {type(exc).__name__}: {exc}{where}",
+            status, prefix = (NOT_ATTEMPTED, f"{stub_note}. ") if untouched else (FAILED, "")
+            return CheckResult(self.key, status, f"{prefix}your code raised {type(exc).__name__}: {exc}{where}",
                                hint=self.hint, seed=seed)
         return CheckResult(self.key, PASSED, seed=seed, cases=list(cases))
 
@@ -260,6 +269,7 @@ class Exercise:
             return CheckResult(self.key, SKIPPED, "checked by the grader instead")
         result = self.run(fn, seed, namespace or _caller_globals())
         print(result)
+        result._printed = True
         return result
 
 

@@ -40,7 +40,7 @@ SKIP_TAG = "skip-grading"  # cell tag: plots, timing tables and demos the grader
 
 
 def exec_notebook(path: Path, replace: list[tuple[str, str]] = (), skip_tags=(SKIP_TAG,),
-                  stop_on_error: bool = False, grading: bool = True) -> tuple[dict, list[str]]:
+                  stop_on_error: bool = False, grading: bool = True, on_cell=None) -> tuple[dict, list[str]]:
     """Execute a notebook's code cells in order in this process; return (namespace, cell errors).
 
     Each cell is written to a real file first, so ``@triton.jit`` (which reads its function's source via
@@ -61,7 +61,7 @@ def exec_notebook(path: Path, replace: list[tuple[str, str]] = (), skip_tags=(SK
     if grading:
         os.environ["TRITON_MOE_GRADING"] = "1"
     try:
-        _exec_cells(path, sources, ns, errors, stop_on_error)
+        _exec_cells(path, sources, ns, errors, stop_on_error, on_cell)
     finally:
         if saved is None:
             os.environ.pop("TRITON_MOE_GRADING", None)
@@ -70,9 +70,11 @@ def exec_notebook(path: Path, replace: list[tuple[str, str]] = (), skip_tags=(SK
     return ns, errors
 
 
-def _exec_cells(path, sources, ns, errors, stop_on_error):
+def _exec_cells(path, sources, ns, errors, stop_on_error, on_cell=None):
     tmp = Path(tempfile.mkdtemp(prefix="triton_moe_cells_"))
     for i, src in enumerate(sources):
+        if on_cell:
+            on_cell(i, src)
         f = tmp / f"{Path(path).stem}_cell_{i:02d}.py"
         f.write_text(_strip_magics(src))
         try:
@@ -83,19 +85,34 @@ def _exec_cells(path, sources, ns, errors, stop_on_error):
             errors.append(f"cell {i}: {type(exc).__name__}: {exc}")
 
 
-def run_notebook_here(path: Path, seed: int | None) -> list[dict]:
-    """Runs in the child process: execute the notebook's code cells, then the chapter's checkers."""
+def run_notebook_here(path: Path, seed: int | None, out: Path | None = None) -> list[dict]:
+    """Runs in the child process: execute the notebook's code cells, then the chapter's checkers.
+    With ``out``, results are written after every exercise and ``out.progress`` says what is running,
+    so a crash keeps the points already earned and the parent can say where it crashed."""
     from .notebooks import chapter_of
 
-    ns, cell_errors = exec_notebook(path)
+    progress = Path(str(out) + ".progress") if out else None
+
+    def stage(text):
+        if progress:
+            progress.write_text(text)
+
+    def on_cell(i, src):
+        first = next((line for line in src.splitlines() if line.strip() and not line.startswith("#")), "")
+        stage(f"running code cell {i} ({first.strip()[:60]!r})")
+
+    ns, cell_errors = exec_notebook(path, on_cell=on_cell)
     results = []
     for k, ex in enumerate(_exercises(chapter_of(path))):
+        stage(f"checking {ex.key}")
         r = ex.run(ns.get(ex.name), None if seed is None else seed + 1000 * k, ns)
         d = {"exercise": ex.key, "status": r.status, "message": r.message, "hint": r.hint, "seed": r.seed,
              "points": ex.points if r.passed else 0, "max_points": ex.points}
         if not r.passed and cell_errors and r.status == NOT_ATTEMPTED and "no function" in r.message:
             d["message"] += f" (notebook errors: {cell_errors[0]})"
         results.append(d)
+        if out:
+            out.write_text(json.dumps(results))
     return results
 
 
@@ -104,12 +121,13 @@ def grade_notebook(path: Path, seed: int | None = None, timeout: float = DEFAULT
     from .notebooks import chapter_of
 
     path = Path(path)
-    exercises = _exercises(chapter_of(path))
-
-    def all_failed(message):
-        return [{"exercise": ex.key, "status": FAILED, "message": message, "hint": "", "seed": seed,
-                 "points": 0, "max_points": ex.points} for ex in exercises]
-
+    chapter = chapter_of(path)
+    if chapter is None:
+        return [{"exercise": f"??:{path.name}", "status": FAILED, "seed": seed, "points": 0, "max_points": 0,
+                 "message": "cannot tell which chapter this notebook is",
+                 "hint": "name it like the course's file (e.g. 01-moe-layer-and-naive-loop.ipynb) or keep its "
+                         "'# Chapter N' title cell"}]
+    exercises = _exercises(chapter)
     if not exercises:
         return []
     env = dict(os.environ, TRITON_MOE_GRADING="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
@@ -117,18 +135,23 @@ def grade_notebook(path: Path, seed: int | None = None, timeout: float = DEFAULT
         env["TRITON_MOE_SEED"] = str(seed)
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "result.json"
+        progress = Path(str(out) + ".progress")
         cmd = [sys.executable, "-m", "triton_moe.grading", "_run", str(path.resolve()), str(out)]
         if seed is not None:
             cmd.append(str(seed))
         try:
             proc = subprocess.run(cmd, env=env, cwd=path.resolve().parent, timeout=timeout,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            why = None if proc.returncode == 0 else f"the notebook crashed (exit code {proc.returncode})"
         except subprocess.TimeoutExpired:
-            return all_failed(f"timed out after {timeout:g} s (an endless loop, or far too large a grid?)")
-        if out.exists():
-            return json.loads(out.read_text())
-        tail = (proc.stdout or "").strip().splitlines()[-1:] or [""]
-        return all_failed(f"the notebook crashed (exit code {proc.returncode}): {tail[0][:200]}")
+            why = f"timed out after {timeout:g} s (an endless loop, or far too large a grid?)"
+        done = json.loads(out.read_text()) if out.exists() else []
+        if why is None and len(done) == len(exercises):
+            return done
+        where = f" while {progress.read_text()}" if progress.exists() else ""
+        finished = {r["exercise"] for r in done}
+        return done + [{"exercise": ex.key, "status": FAILED, "message": why + where, "hint": "", "seed": seed,
+                        "points": 0, "max_points": ex.points} for ex in exercises if ex.key not in finished]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,6 +161,7 @@ def grade_notebook(path: Path, seed: int | None = None, timeout: float = DEFAULT
 def check_notebooks(paths: list[Path], seed: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[dict]:
     rows = []
     for p in paths:
+        print(f"checking {Path(p).name} ...", file=sys.stderr, flush=True)
         for r in grade_notebook(p, seed, timeout):
             rows.append({"notebook": Path(p).name, **r})
     return rows
@@ -149,7 +173,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         chapter, name = r["exercise"].split(":", 1)
         detail = r["message"] + (f" -- hint: {r['hint']}" if r["hint"] and r["status"] != "passed" else "")
-        body.append((chapter, name, r["status"], detail if r["status"] != "passed" else f"seed {r['seed']}"))
+        seed = f"seed {r['seed']}" if r.get("seed") is not None else ""
+        body.append((chapter, name, r["status"], f"{detail} [{seed}]" if r["status"] != "passed" else seed))
     widths = [max(len(str(x[i])) for x in [head] + body) for i in range(3)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(head[:3], widths)) + "  " + head[3]]
     lines.append("-" * min(120, len(lines[0]) + 30))
@@ -188,20 +213,21 @@ def grade_folder(folder: Path, out_csv: Path, seed: int | None = None, timeout: 
         results = []
         for nb in nbs:
             results.extend(grade_notebook(nb, seed, timeout))
-        table.append((name, {r["exercise"]: r for r in results}, {chapter_of(n) for n in nbs}))
+        table.append((name, {r["exercise"]: r for r in results}, {chapter_of(n) for n in nbs} - {None}))
     chapters = sorted(set().union(*(c for _, _, c in table)))
     keys = [ex.key for c in chapters for ex in _exercises(c)]
     rows = []
     for name, res, _ in table:
-        row = {"submission": name}
-        notes = []
+        row = {"submission": name, "seed": "" if seed is None else seed}
+        notes = [f"{k[3:]}: {r['message']} ({r['hint']})" for k, r in res.items() if k.startswith("??:")]
         for k in keys:
             r = res.get(k)
             row[k] = r["points"] if r else 0
             if r is None:
                 notes.append(f"{k}: not submitted")
             elif r["status"] != "passed":
-                notes.append(f"{k}: {r['status']}: {r['message']}"[:200])
+                hint = f" -- hint: {r['hint']}" if r.get("hint") else ""
+                notes.append((f"{k}: {r['status']}: {r['message'][:300]}" + hint)[:500])
         row["total"] = sum(row[k] for k in keys)
         row["max_total"] = sum(REGISTRY[k].points for k in keys)
         row["notes"] = " | ".join(notes)
@@ -209,7 +235,7 @@ def grade_folder(folder: Path, out_csv: Path, seed: int | None = None, timeout: 
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(out_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["submission", *keys, "total", "max_total", "notes"])
+        w = csv.DictWriter(f, fieldnames=["submission", *keys, "total", "max_total", "seed", "notes"])
         w.writeheader()
         w.writerows(rows)
     return rows
@@ -219,7 +245,7 @@ def _child_main(argv: list[str]) -> None:
     path, out = Path(argv[0]), Path(argv[1])
     seed = int(argv[2]) if len(argv) > 2 else None
     try:
-        results = run_notebook_here(path, seed)
+        results = run_notebook_here(path, seed, out)
     except Exception:
         traceback.print_exc()
         raise

@@ -149,9 +149,23 @@ def code_cells(path: Path) -> list[str]:
     return [c.source for c in nb.cells if c.cell_type == "code"]
 
 
-def chapter_of(path: Path) -> str:
-    """'01-moe-layer-and-naive-loop.ipynb' -> '01'."""
-    return Path(path).name[:2]
+_TITLE = re.compile(r"^#\s*Chapter\s+(\d+)\b", re.I)
+
+
+def chapter_of(path: Path) -> str | None:
+    """The chapter a notebook belongs to: '01-moe-layer-and-naive-loop.ipynb' -> '01'. A renamed notebook
+    (e.g. 'alice.ipynb') is recognised by its title cell '# Chapter 1 ...'. None if neither says."""
+    name = Path(path).name
+    if re.match(r"^\d\d-", name):
+        return name[:2]
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception:
+        return None
+    for cell in nb.cells[:3]:
+        if cell.cell_type == "markdown" and (m := _TITLE.match(cell.source.strip())):
+            return f"{int(m.group(1)):02d}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
