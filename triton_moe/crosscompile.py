@@ -806,11 +806,11 @@ def format_report(results: list[CompileResult], errors: list[str], command: str 
              f"- triton {triton.__version__}, {_dt.date.today().isoformat()}, subset `{subset}`: "
              f"{len({r.spec for r in checked})} specs, {len(checked)} compiles",
              *_provenance(), verdict,
-             "", "What is compiled: what a GPU of each target runs. Specs are the launches the host wrappers make "
-             "(recorded from the wrappers on `meta` tensors, or written to match them), specialised as Triton's "
-             "JIT specialises a real launch: ints equal to 1 (unit strides) become constants, 16-divisible "
-             "ints and 16-byte aligned pointers carry `tt.divisibility=16`, and on AMD tensors under 2 GB "
-             "carry `tt.pointer_range=32`. Each table is compiled for the targets that run it (e.g. a table "
+             "", "What is compiled: what a GPU of each target runs. Specs are the launches the host wrappers make, "
+             "specialised as Triton's JIT specialises a real launch: ints equal to 1 (unit strides) become "
+             "constants, 16-divisible ints and 16-byte aligned pointers carry `tt.divisibility=16`, and on AMD "
+             "tensors under 2 GB carry `tt.pointer_range=32`. Specs recorded from the wrappers on `meta` tensors "
+             "(`spec_from_args`) carry all of it; hand-written specs may lack AMD's `tt.pointer_range`. Each table is compiled for the targets that run it (e.g. a table "
              "tuned on an H100 for sm_90 only). The `cpu` tables are not compiled: only Triton's interpreter "
              "runs them, and it compiles nothing.", "",
              "How to read it: a spec fails if it does not compile, spills registers to memory (NVIDIA local "
