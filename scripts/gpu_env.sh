@@ -4,7 +4,7 @@
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 if ! python3 -c "import pytest, nbformat" 2>/dev/null; then
   if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null \
       && export PYTHONPATH="$PYTHONPATH:/tmp/site"
   else
     echo "gpu_env: pytest/nbformat missing and no .whl/ carried (see docs/authoring.md)" >&2
