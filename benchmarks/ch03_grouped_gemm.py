@@ -36,22 +36,13 @@ from triton_moe import mode  # noqa: E402
 from triton_moe.kernels.grouped_gemm import moe_forward_grouped  # noqa: E402
 from triton_moe.reference import make_problem, moe_reference  # noqa: E402
 from triton_moe.shapes import BATCH_SIZES, MODELS  # noqa: E402
+from triton_moe.baselines import moe_forward_loop  # noqa: E402
 from triton_moe.timing import bench_ms, make_row, measure_ceilings, results_path, run_metadata, write_rows  # noqa: E402
 
 ROTATE = 4
 
 
-def loop_forward(x, topk_weights, topk_ids, w1, w3, w2):
-    """Chapter 1's solution."""
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
-    for e in range(w1.shape[0]):
-        token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
-        if token.numel() == 0:
-            continue
-        h = x[token]
-        y = (F.silu(h @ w1[e].T) * (h @ w3[e].T)) @ w2[e].T
-        out.index_add_(0, token, y.float() * topk_weights[token, slot, None])
-    return out.to(x.dtype)
+loop_forward = moe_forward_loop  # chapter 1's solution
 
 
 def grouped_mm_forward(x, topk_weights, topk_ids, w1t, w3t, w2t):

@@ -83,11 +83,10 @@ def stage_of(shape: MoEShape) -> GateUpStage:
 
 
 def loop_forward(x, logits, w1, w3, w2, top_k):
-    from ch01_naive_loop import moe_forward_loop
+    """Chapter 1: torch routing, then the per-expert loop."""
+    from triton_moe.baselines import moe_forward_loop, route_topk
 
-    probs = torch.softmax(logits.float(), dim=-1)
-    tw, ti = torch.topk(probs, top_k, dim=-1)
-    tw = tw / tw.sum(dim=-1, keepdim=True)
+    tw, ti = route_topk(logits, top_k)
     return moe_forward_loop(x, tw, ti, w1, w3, w2)
 
 
