@@ -10,8 +10,6 @@ the host to size its output), so it falls back to do_bench and the 'method' colu
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from triton_moe import mode  # noqa: E402
 from triton_moe.baselines import moe_forward_loop  # noqa: E402  (chapter 1's solution)
 from triton_moe.reference import make_problem  # noqa: E402
 from triton_moe.shapes import BATCH_SIZES, MODELS  # noqa: E402
-from triton_moe.timing import bench_ms, make_row, measure_ceilings, results_path, run_metadata, write_rows  # noqa: E402
+from triton_moe.timing import bench_ms, make_row, results_path, start_run, write_rows  # noqa: E402
 
 
 def main():
@@ -32,9 +30,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer M values")
     a = ap.parse_args()
     mode.require_gpu("This benchmark")
-    meta = run_metadata()
-    ceilings = measure_ceilings()
-    print(f"{meta['device']}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s")
+    meta, ceilings = start_run()
     rows = []
     sizes = (1, 16, 256, 4096) if a.quick else BATCH_SIZES
     for key in a.models.split(","):
@@ -50,10 +46,7 @@ def main():
                   f"floor/time {row['floor_fraction']:.2f}")
         del p
         torch.cuda.empty_cache()
-    path = write_rows(rows, results_path("ch01_naive_loop"))
-    print(f"wrote {path}")
-    if os.environ.get("OUT"):
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    write_rows(rows, results_path("ch01_naive_loop"))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ are overhead on top of it, so ``median_ms / floor_ms`` is the share of the layer
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from triton_moe.kernels.routing import (deepseek_v3_route, deepseek_v3_route_ref
                                         topk_softmax_reference)
 from triton_moe.reference import sorted_dispatch_reference  # noqa: E402
 from triton_moe.shapes import BATCH_SIZES, MODELS  # noqa: E402
-from triton_moe.timing import bench_ms, make_row, measure_ceilings, results_path, run_metadata, write_rows  # noqa: E402
+from triton_moe.timing import bench_ms, make_row, results_path, start_run, write_rows  # noqa: E402
 
 
 def torch_router(logits, bias, k, deepseek):
@@ -59,10 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="M in 1, 64, 4096")
     a = ap.parse_args(argv)
     mode.require_gpu("This benchmark")
-    meta = run_metadata()
-    ceilings = measure_ceilings()
-    print(f"{meta['device']}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_TFLOPs']:.0f} "
-          "TFLOP/s", flush=True)
+    meta, ceilings = start_run()
     rows = []
     sizes = (1, 64, 4096) if a.quick else BATCH_SIZES
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -99,10 +94,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 line.append(f"{impl.split(' (')[0]} {ms * 1e3:7.1f} us ({method})")
             print(f"{shape.name:22s} M={M:5d} BLOCK_M={bm:3d} | " + " | ".join(line), flush=True)
-    path = write_rows(rows, results_path("ch02_dispatch"))
-    print(f"wrote {path}")
-    if os.environ.get("OUT"):
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    write_rows(rows, results_path("ch02_dispatch"))
     return 0
 
 

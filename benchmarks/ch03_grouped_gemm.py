@@ -20,8 +20,6 @@ different experts), divided by 4 (the loop: one set, do_bench).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from triton_moe.kernels.grouped_gemm import moe_forward_grouped  # noqa: E402
 from triton_moe.reference import make_problem, moe_reference  # noqa: E402
 from triton_moe.shapes import BATCH_SIZES, MODELS  # noqa: E402
 from triton_moe.baselines import moe_forward_loop  # noqa: E402
-from triton_moe.timing import bench_ms, make_row, measure_ceilings, results_path, run_metadata, write_rows  # noqa: E402
+from triton_moe.timing import bench_ms, make_row, results_path, start_run, write_rows  # noqa: E402
 
 ROTATE = 4
 
@@ -66,10 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="M in 1, 16, 256, 4096")
     a = ap.parse_args(argv)
     mode.require_gpu("This benchmark")
-    meta = run_metadata()
-    ceilings = measure_ceilings()
-    print(f"{meta['device']}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_TFLOPs']:.0f} "
-          "TFLOP/s", flush=True)
+    meta, ceilings = start_run()
     shape = MODELS["mixtral"]
     dtype = torch.bfloat16
     base = make_problem(shape, 1, dtype, "cuda", seed=1234)
@@ -107,10 +102,7 @@ def main(argv=None) -> int:
         print(f"M={M:5d} floor {rows[-1]['floor_ms']:.3f} ms | " + " | ".join(line), flush=True)
         del sets
         torch.cuda.empty_cache()
-    path = write_rows(rows, results_path("ch03_grouped_gemm"))
-    print(f"wrote {path}")
-    if os.environ.get("OUT"):
-        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    write_rows(rows, results_path("ch03_grouped_gemm"))
     return 0
 
 

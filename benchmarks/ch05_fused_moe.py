@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,7 @@ from triton_moe.kernels.fused_gate_up import fused_gate_up, pick_config  # noqa:
 from triton_moe.kernels.fused_moe import dispatch, fused_moe, route  # noqa: E402
 from triton_moe.reference import _routing_bias, make_problem  # noqa: E402
 from triton_moe.shapes import BATCH_SIZES, MODELS, MoEShape  # noqa: E402
-from triton_moe.timing import bench_ms, floor_ms, make_row, measure_ceilings, results_path, run_metadata, write_rows  # noqa: E402
+from triton_moe.timing import bench_ms, floor_ms, make_row, results_path, start_run, write_rows  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,10 +322,7 @@ def main(argv=None) -> int:
     Ms = [1, 16, 256, 4096] if a.quick else [int(m) for m in a.M.split(",")]
     routings = ["uniform"] if a.quick else a.routings.split(",")
     impls = a.impls.split(",")
-    meta = run_metadata()
-    ceilings = measure_ceilings()
-    print(f"{meta['device']}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s",
-          flush=True)
+    meta, ceilings = start_run()
     dtype = torch.bfloat16
     rows, stage_rows = [], []
     R = a.rotate
@@ -391,9 +387,6 @@ def save(rows, stage_rows):
     paths = [write_rows(rows, results_path("ch05_fused_moe"))]
     if stage_rows:
         paths.append(write_rows(stage_rows, results_path("ch04_fused_gate_up")))
-    if os.environ.get("OUT"):
-        for p in paths:
-            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
     return paths
 
 

@@ -124,10 +124,12 @@ def test_results_roundtrip_and_plot(tmp_path, monkeypatch):
     from triton_moe import timing
 
     monkeypatch.setattr(timing, "RESULTS", tmp_path)
+    monkeypatch.setenv("OUT", str(tmp_path))
     meta = {"date": "2026-11-26", "device": "Test GPU", "vendor": "nvidia", "torch": "t", "triton": "x", "runtime": "cuda 13"}
     ceil = {"copy_GBps": 3000.0, "matmul_TFLOPs": 700.0}
     rows = [timing.make_row(meta, ceil, MIXTRAL_8X7B, m, "loop", 1.5, "do_bench", torch.bfloat16, "uniform") for m in (1, 16)]
     timing.write_rows(rows, tmp_path / "test-gpu" / "chXX.csv")
+    assert (tmp_path / "chXX.csv").exists()  # the copy the GPU machine sends back
     back = timing.load_rows("chXX")
     assert [r["M"] for r in back] == [1, 16] and back[1]["floor_fraction"] == pytest.approx(0.94 / 1.5, rel=0.03)
     assert "Test GPU" in timing.summary_line(back)

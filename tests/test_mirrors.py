@@ -1,7 +1,6 @@
 """A solution cell that starts with '# mirrors: triton_moe/kernels/x.py' teaches code the package also ships:
 each function it defines must be identical (same AST) to the package's, so they cannot drift apart."""
 import ast
-from pathlib import Path
 
 import nbformat
 import pytest

@@ -144,11 +144,6 @@ def generate(check_only: bool = False) -> list[str]:
     return stale
 
 
-def code_cells(path: Path) -> list[str]:
-    nb = nbformat.read(path, as_version=4)
-    return [c.source for c in nb.cells if c.cell_type == "code"]
-
-
 _TITLE = re.compile(r"^#\s*Chapter\s+(\d+)\b", re.I)
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from .mode import ON_GPU, info, require_gpu
+from .mode import info, require_gpu
 from .shapes import MoEShape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,13 +105,26 @@ def results_path(name: str, device_name: str | None = None) -> Path:
     return RESULTS / slug(device_name) / f"{name}.csv"
 
 
+def start_run() -> tuple[dict, dict]:
+    """What every benchmark does first: the run's metadata and the two ceilings, measured now and printed."""
+    meta = run_metadata()
+    ceilings = measure_ceilings()
+    print(f"{meta['device']}: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul "
+          f"{ceilings['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    return meta, ceilings
+
+
 def write_rows(rows: Iterable[dict], path: Path) -> Path:
+    """Write a results CSV; also copy it into ``$OUT`` when that is set (the GPU machine's way back)."""
     rows = list(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    if os.environ.get("OUT"):
+        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    print(f"wrote {path}", flush=True)
     return path
 
 
@@ -160,6 +175,3 @@ def plot_times(rows: list[dict], title: str, model: str | None = None, routing: 
     ax.grid(True, which="both", alpha=0.3)
     return ax
 
-
-def on_gpu() -> bool:
-    return ON_GPU

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..checking import CheckFailure, compare, exercise, expect_tensor, relative_error, tolerance
-from ..mode import ON_GPU, default_dtype, device
+from ..mode import default_dtype, device
 from ..reference import expert_contributions, make_problem, moe_reference, route_reference
 from ..shapes import shape_for_mode
 from .common import diagnose_combine
