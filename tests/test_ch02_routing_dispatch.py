@@ -178,8 +178,13 @@ def test_bad_input_raises_value_error_naming_it(name, call):
         call()
 
 
-def test_compile_specs_cover_kernels_and_dtypes():
-    specs = dispatch.compile_specs() + routing.compile_specs()
+def test_example_launches_cover_kernels_and_dtypes():
+    from triton_moe.tools.crosscompile import load_specs
+
+    specs, problems = load_specs(["triton_moe.kernels.dispatch:example_launches",
+                                  "triton_moe.kernels.routing:example_launches"])
+    assert not problems, problems
+    specs = [s for _, s in specs]
     names = [s.name for s in specs]
     assert len(names) == len(set(names))
     for kernel in ("dispatch_count", "dispatch_offsets", "dispatch_layout", "dispatch_scatter"):

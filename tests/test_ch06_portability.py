@@ -102,7 +102,7 @@ def test_validate_config_messages():
 def test_observed_lds_table_matches_the_committed_report():
     """The LDS numbers the checker holds are the compiler's: every gfx942 tiled_matmul row of the committed
     report agrees with them where both have the config."""
-    from triton_moe.crosscompile import load_report
+    from triton_moe.tools.crosscompile import load_report
 
     seen = 0
     for r in load_report(ROOT / "docs" / "compile-report.md"):

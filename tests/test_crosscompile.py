@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import triton_moe  # noqa: F401
-from triton_moe import crosscompile as cc
-from triton_moe.crosscompile import CompileResult, CompileSpec
+from triton_moe.tools import crosscompile as cc
+from triton_moe.tools.crosscompile import CompileResult, CompileSpec
 
 # --------------------------------------------------------------------------------------------------
 # Recorded compiler output (triton 3.6.0, tiled_matmul 128x128x64 bf16, 4 warps)
@@ -103,7 +103,7 @@ def test_verdicts():
 
 def test_failures_ignore_lessons_and_notes():
     rs = [_result(spill_bytes=8), _result(spill_bytes=8, lesson=True), _result()]
-    errs = ["note: triton_moe.kernels.x has no compile_specs()", "triton_moe.kernels.y: ImportError: boom"]
+    errs = ["note: triton_moe.kernels.x has no example_launches()", "triton_moe.kernels.y: ImportError: boom"]
     assert cc.failures(rs, errs) == ["triton_moe.kernels.y: ImportError: boom",
                                      "k[cfg] bf16 on sm_90: spills 8 B of registers"]
 
@@ -112,7 +112,7 @@ def test_report_has_a_table_per_kernel_and_target():
     rs = [_result(t) for t in cc.TARGETS] + [_result("gfx942", kernel="other_kernel", shared=98304)]
     rs += [_result("gfx942", spec="k[lesson] bf16", vgpr_spill=3, lesson=True)]
     rs += [_result("gfx90a", spec="k[sgpr] bf16", sgpr_spill=2)]
-    text = cc.format_report(rs, ["note: triton_moe.kernels.z has no compile_specs()"])
+    text = cc.format_report(rs, ["note: triton_moe.kernels.z has no example_launches()"])
     assert "verdict: **FAIL** (1 problems), 1 warnings" in text
     assert "## Warnings\n\n- k[sgpr] bf16 on gfx90a: 2 SGPRs spilled into VGPR lanes" in text
     assert "| k[sgpr] bf16 | ok, warning: 2 SGPRs spilled into VGPR lanes |" in text
@@ -121,7 +121,7 @@ def test_report_has_a_table_per_kernel_and_target():
     for t in cc.TARGETS:
         assert f"**{t}**" in text
     assert "Lessons: configs expected to fail" in text and "### `k_kernel`" in text
-    assert "triton_moe.kernels.z has no compile_specs()" in text
+    assert "triton_moe.kernels.z has no example_launches()" in text
     assert "overflow: needs 98304 B of LDS" in text
 
 
@@ -143,12 +143,32 @@ def test_discovery_finds_every_kernel_module():
     mods = cc.kernel_modules()
     assert "triton_moe.kernels.portability_demo" in mods
     assert all(m.startswith("triton_moe.kernels.") and not m.rsplit(".", 1)[1].startswith("_") for m in mods)
-    assert cc.default_sources() == [f"{m}:compile_specs" for m in mods]
+    assert cc.default_sources() == [f"{m}:example_launches" for m in mods]
 
 
-def test_only_modules_with_kernels_of_their_own_need_specs(tmp_path, monkeypatch):
-    """A module without compile_specs: a note when it defines @triton.jit functions (they escape the check);
-    nothing when it defines none (host code over other modules' kernels, as fused_moe.py once was)."""
+def test_every_kernel_module_declares_example_launches_and_never_imports_the_tool():
+    """Compile checking is a tool: kernel modules declare example launches as data (no monkeypatched module
+    globals, no hand-written signatures) and import nothing of triton_moe.tools."""
+    import ast
+    import importlib
+
+    for module in cc.kernel_modules():
+        path = cc.KERNELS_DIR / (module.rsplit(".", 1)[1] + ".py")
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert "crosscompile" not in (node.module or "") and "tools" not in (node.module or ""), module
+            assert not isinstance(node, ast.Global), f"{module} rebinds module globals (line {node.lineno})"
+        mod = importlib.import_module(module)
+        if cc.jit_functions(mod):
+            examples = mod.example_launches()
+            assert examples and all(isinstance(l, str) and callable(c) for l, c in examples), module
+            assert not hasattr(mod, "compile_specs"), module
+
+
+def test_only_modules_with_kernels_of_their_own_need_examples(tmp_path, monkeypatch):
+    """A module without example_launches: a note when it defines @triton.jit functions (they escape the
+    check); nothing when it defines none (host code over other modules' kernels)."""
     (tmp_path / "cc_host_only.py").write_text(
         "from triton_moe.kernels.grouped_gemm import grouped_gemm, grouped_gemm_kernel  # imported, not its own\n")
     (tmp_path / "cc_nospecs_mod.py").write_text(
@@ -156,9 +176,10 @@ def test_only_modules_with_kernels_of_their_own_need_specs(tmp_path, monkeypatch
         "@triton.jit\ndef lonely_kernel(x_ptr):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     for module in ("triton_moe.mode", "cc_host_only"):
-        assert cc.load_specs(f"{module}:compile_specs") == ([], ""), module
-    specs, note = cc.load_specs("cc_nospecs_mod:compile_specs")
-    assert specs == [] and note == "cc_nospecs_mod has no compile_specs(); its kernels lonely_kernel are not checked"
+        assert cc.load_specs(f"{module}:example_launches") == ([], []), module
+    specs, problems = cc.load_specs("cc_nospecs_mod:example_launches")
+    assert specs == [] and problems == [
+        "note: cc_nospecs_mod has no example_launches(); its kernels lonely_kernel are not checked"]
 
 
 def test_interpreter_functions_cannot_be_compiled_here():
@@ -168,7 +189,8 @@ def test_interpreter_functions_cannot_be_compiled_here():
 
     if triton_moe.ON_GPU:
         pytest.skip("GPU mode: kernels are real JITFunctions here")
-    r = cc.compile_one(demo.planted_error_specs()[0], cc.TARGETS["sm_90"])
+    (spec,) = cc.specs_from_examples(demo.planted_error_launches(), ["sm_90"])
+    r = cc.compile_one(spec, cc.TARGETS["sm_90"])
     assert not r.ok and "TRITON_INTERPRET" in r.error
 
 
@@ -267,8 +289,6 @@ def test_meta_tensors_specialise_like_real_ones():
     spec = cc.spec_from_args("s fp16", gg.grouped_gemm_kernel, *_grouped_gemm_args(x[:, :64], w, out, 16, 2))
     assert (spec.num_warps, spec.num_stages, spec.options) == (4, 3, {})
     assert spec.attrs_for("amd") is spec.amd_attrs and spec.attrs_for("nvidia") is spec.attrs
-    bf = cc.retyped(spec, "fp16", "bf16")
-    assert bf.name == "s bf16" and bf.signature["a_ptr"] == "*bf16" and bf.signature["sorted_token_ids_ptr"] == "*i32"
 
 
 def test_capture_launches_records_the_wrapper_without_running_it():
@@ -283,47 +303,96 @@ def test_capture_launches_records_the_wrapper_without_running_it():
     with cc.capture_launches(gg.grouped_gemm_kernel) as launches:
         gg.grouped_gemm(x, w, *sorted_dispatch_reference(ids, 4, 16), 2, cfg)
     assert time.perf_counter() - t0 < 5  # the interpreter never ran it
-    assert "run" not in vars(gg.grouped_gemm_kernel)  # restored
+    from triton.runtime.jit import KernelInterface
+
+    assert KernelInterface.__getitem__.__module__ == "triton.runtime.jit"  # restored
     (launch,) = launches
     assert launch.fn is gg.grouped_gemm_kernel and launch.args[0] is x and launch.args[9] == 2
     assert launch.kwargs == cfg.meta()
 
 
+def _specs(*modules, targets=None):
+    specs, problems = cc.load_specs([f"triton_moe.kernels.{m}:example_launches" for m in modules], "all", targets)
+    assert not problems, problems
+    return [s for _, s in specs]
+
+
+def test_simulate_makes_the_wrappers_choose_as_each_gpu():
+    """Inside simulate(target) the host code sees that GPU (mode, vendor, target, capability) and picks its
+    tables; outside it, nothing changed (the CPU interpreter's choices, caches cleared)."""
+    from triton_moe import mode, vendor
+    from triton_moe.kernels import fused_gate_up as fgu, grouped_gemm as gg, routing
+
+    before = (mode.ON_GPU, gg.config_table(), fgu.vendor(), vendor.detect_vendor())
+    with cc.simulate("sm_80"):
+        assert mode.ON_GPU and gg.config_table() is gg.DEFAULT_GPU_TABLE and fgu.vendor() == "nvidia"
+        assert not fgu.hopper_or_newer() and vendor.current_target() == "sm_80"
+    with cc.simulate("sm_90"):
+        assert gg.config_table() == gg.gpu_table_for("sm_90") and fgu.hopper_or_newer()
+    with cc.simulate("gfx942"):
+        assert fgu.vendor() == "amd" and vendor.detect_vendor() == "amd" and routing.launch_table() == routing.launch_table("amd")
+    with cc.simulate(cc.Machine("sm_90", "NVIDIA H100 80GB HBM3", "tiled_matmul")):
+        assert vendor.device_name() == "NVIDIA H100 80GB HBM3"
+    assert (mode.ON_GPU, gg.config_table(), fgu.vendor(), vendor.detect_vendor()) == before
+
+
 def test_course_specs_are_real_launches_of_gpu_tables():
-    """grouped_gemm, routing and dispatch specs come from their wrappers' launches: unit strides are
-    constants, pointers 16-divisible; each table only on the targets that run it; no CPU table or CPU shape."""
+    """Specs come from the wrappers' launches: unit strides are constants, pointers 16-divisible, AMD
+    pointers carry tt.pointer_range=32; each table only on the targets whose GPU picks it; no CPU table."""
     from triton_moe.kernels import dispatch, grouped_gemm as gg, routing
 
-    specs = gg.compile_specs()
+    specs = _specs("grouped_gemm")
     cpu = {(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.num_warps, c.num_stages) for _, c in gg.CPU_TABLE}
-    for s in specs:
+    gemms = [s for s in specs if s.fn is gg.grouped_gemm_kernel]
+    tuned = {(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps) for _, c in gg.gpu_table_for("sm_90")}
+    portable = {(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps) for _, c in gg.DEFAULT_GPU_TABLE}
+    for s in gemms:
         assert all(s.constexprs[k] == 1 for k in ("stride_ak", "stride_wk", "stride_on")), s.name
-        assert s.attrs["a_ptr"] == cc.DIV16 and s.signature["a_rows_per_token"] in ("i32", "constexpr")
+        assert s.attrs["a_ptr"] == cc.DIV16 and ["tt.pointer_range", 32] in s.amd_attrs["a_ptr"], s.name
         c = s.constexprs
         assert (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], s.num_warps, s.num_stages) not in cpu
-        table = gg.gpu_table_for(s.targets[0])
-        assert all(gg.gpu_table_for(t) == table for t in s.targets), s.name
-    tuned = [s for s in specs if "tuned nvidia" in s.name]
-    assert tuned and all(s.targets == ("sm_90",) for s in tuned)
-    assert gg.gpu_table_for("sm_80") is gg.DEFAULT_GPU_TABLE is gg.gpu_table_for("gfx942")
-    rs = routing.compile_specs()
-    assert not [s for s in rs if "(cpu)" in s.name]
-    ds_nv = [s for s in rs if s.name.startswith("deepseek_v3_route") and s.vendors == ("nvidia",)]
+        key = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], s.num_warps)
+        assert key in (tuned if s.targets == ("sm_90",) else portable), s.name
+        assert "sm_90" not in s.targets or key in tuned, s.name
+    assert {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.constexprs["BLOCK_K"], s.num_warps)
+            for s in gemms if "sm_90" in s.targets} == tuned
+    rs = _specs("routing")
+    ds_nv = [s for s in rs if s.fn is routing.deepseek_v3_route_kernel and "sm_90" in s.targets]
     table = routing.launch_table("nvidia").get("deepseek_v3_route")
     if table:
         assert {(s.constexprs["BLOCK_T"], s.num_warps) for s in ds_nv} == {table[0][1:]}
     assert any(s.signature["M"] == "constexpr" for s in rs) and any(s.signature["M"] == "i32" for s in rs)
-    for s in dispatch.compile_specs():
+    for s in _specs("dispatch"):
         if "SUB" in s.constexprs:  # GPU tiles: a [SUB, E_P2] one-hot of at most 8K values
             assert s.constexprs["SUB"] * s.constexprs["E_P2"] <= 8192 or s.constexprs["SUB"] == 16, s.name
+
+
+def test_fused_kernels_specs_follow_the_forward():
+    """fused_gate_up / down_combine specs are their wrappers' launches as fused_experts makes them: NVIDIA and
+    AMD configs apart, AMD's with tt.pointer_range=32 on tensors under 2 GB (not DeepSeek-V3's 7.5 GB
+    w1: a launch gives none there either)."""
+    from triton_moe.kernels import down_combine as dc, fused_gate_up as fgu
+
+    specs = _specs("fused_gate_up", "down_combine")
+    up = [s for s in specs if s.fn is fgu.fused_gate_up_kernel]
+    down = [s for s in specs if s.fn is dc.down_combine_kernel]
+    assert up and down and any(s.fn is dc.moe_sum_kernel for s in specs)
+    for s in up + down:
+        assert set(s.targets) <= {"sm_90", "sm_80"} or set(s.targets) <= {"gfx942", "gfx90a"}, s.name
+        if "gfx942" in s.targets:
+            small = "x_ptr" if s.fn is fgu.fused_gate_up_kernel else "h_ptr"
+            assert ["tt.pointer_range", 32] in s.amd_attrs[small], s.name
+            assert ["tt.pointer_range", 32] in s.amd_attrs["sorted_token_ids_ptr"], s.name
+    assert {s.constexprs["ATOMIC"] for s in down} == {True, False}
+    assert {s.signature["x_ptr"] for s in up} == {"*bf16", "*fp16"}
 
 
 # --------------------------------------------------------------------------------------------------
 # Real compiles (a few seconds each; the worker processes import torch and triton once)
 
-PLANTED = ["triton_moe.kernels.portability_demo:planted_spill_specs",
-           "triton_moe.kernels.portability_demo:planted_overflow_specs",
-           "triton_moe.kernels.portability_demo:planted_error_specs"]
+PLANTED = ["triton_moe.kernels.portability_demo:planted_spill_launches",
+           "triton_moe.kernels.portability_demo:planted_overflow_launches",
+           "triton_moe.kernels.portability_demo:planted_error_launches"]
 
 
 @pytest.fixture(scope="module")
@@ -374,8 +443,15 @@ def test_cli_exits_nonzero_on_a_compile_error():
     assert "compile error" in p.stdout and "K >= 16" in p.stdout
 
 
-def test_a_crashing_worker_is_reported():
-    results, errors = cc.run_check(["faulthandler:_sigsegv"], ["sm_90"], jobs=1)
+def test_a_crashing_worker_is_reported(tmp_path, monkeypatch):
+    """A worker that dies (here: importing the kernel's module segfaults there) is an error, not a hang."""
+    import types
+
+    (tmp_path / "cc_crash_mod.py").write_text("import faulthandler\nfaulthandler._sigsegv()\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    fn = types.SimpleNamespace(__name__="k", fn=types.SimpleNamespace(__module__="cc_crash_mod"))
+    spec = CompileSpec("k[crash] bf16", fn, {}, {}, targets=("sm_90",))
+    results, errors = cc._run_workers([("cc_crash_mod", spec)], ["sm_90"], 1, tmp_path / "cache", 120)
     assert results == [] and errors and "worker failed" in errors[0], errors
 
 
@@ -395,5 +471,5 @@ def test_all_kernels_cross_compile():
     assert not [r for r in results if r.sgpr_spill and r.stack == 0 and r.problems()]
     assert results, f"no spec was compiled: {errors}"
     assert "triton_moe.kernels.portability_demo" in modules
-    assert not fails, (f"{len(fails)} cross-compile problems (see `python -m triton_moe.crosscompile --subset ci`; "
+    assert not fails, (f"{len(fails)} cross-compile problems (see `python -m triton_moe.tools.crosscompile --subset ci`; "
                        "chapter 6 explains spills and LDS overflows):\n  " + "\n  ".join(f[:300] for f in fails[:40]))

@@ -1,7 +1,7 @@
 """Chapter 6 checkers: choose a launch config that fits an MI300X (gfx942), proved by compiling it for gfx942 on
 this machine, and predict the LDS a config needs from the compile report's numbers.
 
-Neither needs a GPU. The compile runs in a worker process (see :mod:`triton_moe.crosscompile`): a few
+Neither needs a GPU. The compile runs in a worker process (see :mod:`triton_moe.tools.crosscompile`): a few
 seconds, most of it importing torch and Triton there.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 
 from ..checking import CheckFailure, exercise
 from ..configs import KernelConfig
-from ..crosscompile import TARGETS, error_summary, run_check
+from ..tools.crosscompile import TARGETS, error_summary, run_check
 from ..vendor import AMD_ONLY_OPTIONS
 
 LDS_LIMIT = TARGETS["gfx942"].shared_limit

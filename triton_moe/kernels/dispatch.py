@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from .. import validate
-from ..crosscompile import CompileSpec
 from ..mode import ON_GPU
 from ..reference import dispatch_sizes
 
@@ -205,54 +204,34 @@ def sorted_dispatch(topk_ids: torch.Tensor, num_experts: int, block_m: int, out=
     return sorted_token_ids, expert_ids, num_tokens_post_padded
 
 
-def _dispatch_launches(M: int, top_k: int, num_experts: int, block_m: int, ids_dtype) -> list:
-    """The four launches :func:`sorted_dispatch` makes on a GPU for ``M`` tokens (tile sizes of
-    :func:`dispatch_launch_params` with ``for_gpu=True``), recorded from the wrapper itself on ``meta`` ids."""
-    from ..crosscompile import capture_launches
-
-    global dispatch_launch_params
-    real = dispatch_launch_params
-    dispatch_launch_params = lambda *a, **k: real(*a, **{**k, "for_gpu": True})  # noqa: E731 (as on a GPU)
-    try:
-        with capture_launches(dispatch_count_kernel, dispatch_offsets_kernel, dispatch_layout_kernel,
-                              dispatch_scatter_kernel) as launches:
-            sorted_dispatch(torch.empty(M, top_k, dtype=ids_dtype, device="meta"), num_experts, block_m)
-    finally:
-        dispatch_launch_params = real
-    return launches
+# --------------------------------------------------------------------------------------------------
+# Example launches (for the compile check, triton_moe/tools/crosscompile.py; chapter 6)
 
 
-def compile_specs() -> list:
-    """The four kernels as :func:`sorted_dispatch` launches them on a GPU (:func:`_dispatch_launches`), for
-    every model of :data:`triton_moe.shapes.MODELS`, every BLOCK_M a GPU table of the grouped GEMM or the
-    fused gate+up kernel uses, every batch size of the course, int32 and int64 ids; launches that compile the
-    same kernel (same specialisation and constexprs) are listed once, named after the first. The dispatch
-    reads no float data (bf16/fp16 do not apply). The CPU copies of the models are left out (interpreter
-    only)."""
-    from ..crosscompile import spec_from_launch
-    from ..shapes import BATCH_SIZES, MODELS
-    from .fused_gate_up import all_configs
-    from .grouped_gemm import DEFAULT_GPU_TABLE, TABLES
+def _example_block_ms() -> list[int]:
+    """Every BLOCK_M a GPU table of the grouped GEMM or the fused gate+up kernel gives the dispatch."""
     from ..configs import load_table
+    from .fused_gate_up import GPU_FALLBACK, tuned_tables
+    from .grouped_gemm import DEFAULT_GPU_TABLE, TABLES
 
-    tables = [DEFAULT_GPU_TABLE] + [load_table(p) for p in sorted(TABLES.glob("grouped_gemm.*.json"))]
-    block_ms = sorted({cfg.BLOCK_M for t in tables for _, cfg in t} | {c.BLOCK_M for c, _, _ in all_configs("fused_gate_up")})
-    specs, seen = [], set()
+    tables = [DEFAULT_GPU_TABLE, GPU_FALLBACK["fused_gate_up"]]
+    tables += [load_table(p) for p in sorted(TABLES.glob("grouped_gemm.*.json"))]
+    tables += [t for v in ("nvidia", "amd") for t in tuned_tables("fused_gate_up", v).values()]
+    return sorted({cfg.BLOCK_M for t in tables for _, cfg in t})
+
+
+def example_launches() -> list:
+    """:func:`sorted_dispatch` on ``meta`` ids for every model of :data:`triton_moe.shapes.MODELS`, every
+    BLOCK_M a GPU table gives it (:func:`_example_block_ms`), every batch size of the course, int32 and int64
+    ids. The dispatch reads no float data (bf16/fp16 do not apply)."""
+    from ..shapes import BATCH_SIZES, MODELS
+
+    out = []
     for key, shape in MODELS.items():
-        for bm in block_ms:
+        for bm in _example_block_ms():
             for M in BATCH_SIZES:
-                for ids in (torch.int32, torch.int64):
-                    for launch in _dispatch_launches(M, shape.top_k, shape.experts, bm, ids):
-                        spec = spec_from_launch("?", launch)
-                        ident = (launch.fn.__name__, repr(spec.signature), repr(spec.constexprs), repr(spec.attrs),
-                                 repr(spec.amd_attrs), spec.num_warps)
-                        if ident in seen:
-                            continue
-                        seen.add(ident)
-                        label = ",".join(f"{k}={v}" for k, v in spec.constexprs.items() if k.isupper())
-                        spec.name = (f"{launch.fn.__name__.removesuffix('_kernel')}[{label}; {key} M={M}"
-                                     + (f" BLOCK_M={bm}" if "BLOCK_M" not in spec.constexprs else "")
-                                     + "]" + (f" {spec.signature['topk_ids_ptr'][1:]} ids"
-                                              if "topk_ids_ptr" in spec.signature else ""))
-                        specs.append(spec)
-    return specs
+                for dtype in (torch.int32, torch.int64):
+                    ids = torch.empty(M, shape.top_k, dtype=dtype, device="meta")
+                    out.append((f"{key} M={M} BLOCK_M={bm}",
+                                lambda ids=ids, E=shape.experts, bm=bm: sorted_dispatch(ids, E, bm)))
+    return out

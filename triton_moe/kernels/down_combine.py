@@ -24,9 +24,8 @@ import triton.language as tl
 
 from .. import validate
 from ..configs import KernelConfig
-from ..crosscompile import DIV16, CompileSpec
 from ..mode import check_interpreter_dtype
-from .fused_gate_up import all_configs, blocks_bound, check_dispatch, fit_shared, pick_config, with_block_m
+from .fused_gate_up import blocks_bound, check_dispatch, fit_shared, pick_config, with_block_m
 
 
 @triton.jit(do_not_specialize=["num_slots", "top_k", "split_k"])
@@ -167,41 +166,30 @@ def down_combine(h, w2, topk_weights, sorted_token_ids, expert_ids, num_tokens_p
 
 
 # --------------------------------------------------------------------------------------------------
-# Cross-compilation specs (chapter 6)
-
-_DOWN_INTS = ("N", "K", "EM", "num_slots", "top_k", "split_k", "stride_hm", "stride_we", "stride_wn", "stride_am")
-_UNIT_STRIDES = {"stride_hk": 1, "stride_wk": 1, "stride_an": 1}  # a launch specialises ints equal to 1
+# Example launches (for the compile check, triton_moe/tools/crosscompile.py; chapter 6)
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    ptrs = ("h_ptr", "w2_ptr", "topk_weights_ptr", "acc_ptr", "sorted_token_ids_ptr", "expert_ids_ptr",
-            "num_tokens_post_padded_ptr")
-    div16 = ("N", "K", "EM", "stride_hm", "stride_we", "stride_wn", "stride_am")
-    for cfg, vendors, targets in all_configs("down_combine"):
-        for atomic in (True, False):
-            for dt in ("bf16", "fp16"):
-                sig = {"h_ptr": f"*{dt}", "w2_ptr": f"*{dt}", "topk_weights_ptr": "*fp32", "acc_ptr": "*fp32",
-                       "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-                       "num_tokens_post_padded_ptr": "*i32"}
-                sig.update({p: "i32" for p in _DOWN_INTS})
-                const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K,
-                         "GROUP_M": cfg.GROUP_M, "ATOMIC": atomic}
-                sig.update({p: "constexpr" for p in list(const) + list(_UNIT_STRIDES)})
-                name = f"down_combine[{'/'.join(targets) or vendors[0]}: " + ",".join(f"{k}={v}" for k, v in const.items()) + \
-                    f",warps={cfg.num_warps},stages={cfg.num_stages}] {dt}"
-                opts = {k: v for k, v in cfg.extra.items() if k != "SPLIT_K"}
-                specs.append(CompileSpec(name, down_combine_kernel, sig, {**const, **_UNIT_STRIDES}, cfg.num_warps,
-                                         cfg.num_stages, opts,
-                                         attrs={p: DIV16 for p in ptrs + div16}, vendors=vendors, targets=targets))
-    for dt in ("bf16", "fp16"):
-        for rows in (1, 2, 4, 8):
-            sig = {"src_ptr": "*fp32", "out_ptr": f"*{dt}", "N": "i32", "stride_sm": "i32", "stride_om": "i32",
-                   "TOP_K": "constexpr", "BLOCK_N": "constexpr"}
-            const = {"TOP_K": rows, "BLOCK_N": SUM_BLOCK_N}
-            specs.append(CompileSpec(f"moe_sum[TOP_K={rows},BLOCK_N={SUM_BLOCK_N}] {dt}", moe_sum_kernel, sig, const,
-                                     4, 1, attrs={p: DIV16 for p in ("src_ptr", "out_ptr", "N", "stride_sm", "stride_om")}))
-    return specs
+def example_launches() -> list:
+    """:func:`down_combine` (its kernel and the combine ``moe_sum_kernel``) as
+    :func:`triton_moe.kernels.fused_moe.fused_experts` calls it: the dispatch built with the fused gate+up
+    table's BLOCK_M, the config from the down table of the GPU the compile check simulates, atomic and
+    deterministic; on ``meta`` tensors for every model of :data:`triton_moe.shapes.MODELS` at every batch
+    size of the course, bf16 and fp16."""
+    from ..shapes import BATCH_SIZES, MODELS
+    from .fused_gate_up import _example_problem, dispatch_block_m
+
+    def launch(shape, M, dtype, deterministic):
+        bm = dispatch_block_m(M, shape.hidden, shape.ffn, shape.experts, shape.top_k)
+        _, _, d = _example_problem(shape, M, dtype, bm)
+        h = torch.empty(M * shape.top_k, shape.ffn, dtype=dtype, device="meta")
+        w2 = torch.empty(shape.experts, shape.hidden, shape.ffn, dtype=dtype, device="meta")
+        weights = torch.empty(M, shape.top_k, dtype=torch.float32, device="meta")
+        down_combine(h, w2, weights, *d, deterministic)
+
+    return [(f"{key} M={M}{', deterministic' if det else ''}",
+             lambda s=shape, M=M, dt=dtype, det=det: launch(s, M, dt, det))
+            for key, shape in MODELS.items() for M in BATCH_SIZES for dtype in (torch.bfloat16, torch.float16)
+            for det in (False, True)]
 
 
 def config_without_split(cfg: KernelConfig) -> KernelConfig:

@@ -31,7 +31,6 @@ import triton.language as tl
 
 from .. import validate
 from ..configs import KernelConfig, pick
-from ..crosscompile import DIV16, CompileSpec
 from ..mode import ON_GPU, check_interpreter_dtype
 
 TABLES = Path(__file__).resolve().parent.parent / "tables"
@@ -321,54 +320,33 @@ def fused_gate_up(x, w1, w3, sorted_token_ids, expert_ids, num_tokens_post_padde
 
 
 # --------------------------------------------------------------------------------------------------
-# Cross-compilation specs (chapter 6)
-
-_GATE_UP_PTRS = ("x_ptr", "w1_ptr", "w3_ptr", "out_ptr")
-_INDEX_PTRS = ("sorted_token_ids_ptr", "expert_ids_ptr", "num_tokens_post_padded_ptr")
-_GATE_UP_INTS = ("N", "K", "EM", "num_slots", "top_k", "stride_xm", "stride_we", "stride_wn", "stride_om")
-# A launch specialises ints equal to 1 into constants: the unit strides of contiguous tensors. Without that
-# the compiler cannot prove the K axis contiguous, and compiles scalar loads with no cp.async pipelining
-# (and register spills) that a real launch never runs.
-_UNIT_STRIDES = {"stride_xk": 1, "stride_wk": 1, "stride_on": 1}
-# What a real launch sees as multiples of 16 (the model sizes, EM = blocks * BLOCK_M, the row strides); the
-# unit strides specialise to 1 and num_slots / top_k are not specialised (do_not_specialize).
-_DIV16_INTS = ("N", "K", "EM", "stride_xm", "stride_we", "stride_wn", "stride_om")
+# Example launches (for the compile check, triton_moe/tools/crosscompile.py; chapter 6)
 
 
-def all_configs(kernel: str) -> list[tuple[KernelConfig, tuple, tuple]]:
-    """Every distinct config ``kernel`` can run with on a GPU, with the vendors and targets that run it: the
-    portable fallback on every NVIDIA target; the tuned NVIDIA tables on sm_90 only (they were tuned on an
-    H100 and :func:`hopper_or_newer` keeps older GPUs on the fallback); what AMD runs (its tuned table if one
-    is committed, else the NVIDIA configs adapted by :func:`adapt_amd`) on AMD targets. The CPU table is left
-    out: only the interpreter runs it, and the interpreter compiles nothing."""
-    tuned_nv = list(tuned_tables(kernel, "nvidia").values())
-    amd = list(tuned_tables(kernel, "amd").values()) or \
-        [[(m, adapt_amd(c, kernel)) for m, c in t] for t in [GPU_FALLBACK[kernel]] + tuned_nv]
-    groups = [(GPU_FALLBACK[kernel], ("nvidia",), ())]
-    groups += [(t, ("nvidia",), ("sm_90",)) for t in tuned_nv]
-    groups += [(t, ("amd",), ()) for t in amd]
-    seen: dict = {}
-    for table, vendors, targets in groups:
-        for _, cfg in table:
-            meta = {k: v for k, v in cfg.meta().items() if k != "SPLIT_K"}
-            seen.setdefault((repr(meta), vendors), (cfg, vendors, targets))
-    return list(seen.values())
+def _example_problem(shape, M: int, dtype, block_m: int):
+    """Meta tensors of one forward: x, w1, w3 and a dispatch of M tokens built for ``block_m``."""
+    from ..reference import dispatch_sizes
+
+    size, max_blocks = dispatch_sizes(M, shape.top_k, shape.experts, block_m)
+    meta = dict(device="meta")
+    x = torch.empty(M, shape.hidden, dtype=dtype, **meta)
+    w = torch.empty(shape.experts, shape.ffn, shape.hidden, dtype=dtype, **meta)
+    d = (torch.empty(size, dtype=torch.int32, **meta), torch.empty(max_blocks, dtype=torch.int32, **meta),
+         torch.empty(1, dtype=torch.int32, **meta))
+    return x, w, d
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for cfg, vendors, targets in all_configs("fused_gate_up"):
-        for dt in ("bf16", "fp16"):
-            sig = {p: f"*{dt}" for p in _GATE_UP_PTRS}
-            sig.update({p: "*i32" for p in _INDEX_PTRS})
-            sig.update({p: "i32" for p in _GATE_UP_INTS})
-            const = {"BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "GROUP_M": cfg.GROUP_M}
-            sig.update({p: "constexpr" for p in list(const) + list(_UNIT_STRIDES)})
-            name = f"fused_gate_up[{'/'.join(targets) or vendors[0]}: " + ",".join(f"{k}={v}" for k, v in const.items()) + \
-                f",warps={cfg.num_warps},stages={cfg.num_stages}] {dt}"
-            specs.append(CompileSpec(name, fused_gate_up_kernel, sig, {**const, **_UNIT_STRIDES}, cfg.num_warps,
-                                     cfg.num_stages,
-                                     {k: v for k, v in cfg.extra.items() if k != "SPLIT_K"},
-                                     attrs={p: DIV16 for p in _GATE_UP_PTRS + _INDEX_PTRS + _DIV16_INTS},
-                                     vendors=vendors, targets=targets))
-    return specs
+def example_launches() -> list:
+    """:func:`fused_gate_up` as :func:`triton_moe.kernels.fused_moe.fused_experts` calls it (the dispatch built
+    with the table's BLOCK_M, the config from the table of the GPU the compile check simulates, per model
+    shape) on ``meta`` tensors, for every model of :data:`triton_moe.shapes.MODELS` at every batch size of
+    the course, bf16 and fp16. The CPU table is never compiled (only the interpreter runs it)."""
+    from ..shapes import BATCH_SIZES, MODELS
+
+    def launch(shape, M, dtype):
+        bm = dispatch_block_m(M, shape.hidden, shape.ffn, shape.experts, shape.top_k)
+        x, w, d = _example_problem(shape, M, dtype, bm)
+        fused_gate_up(x, w, w, *d, shape.top_k)
+
+    return [(f"{key} M={M}", lambda s=shape, M=M, dt=dtype: launch(s, M, dt))
+            for key, shape in MODELS.items() for M in BATCH_SIZES for dtype in (torch.bfloat16, torch.float16)]

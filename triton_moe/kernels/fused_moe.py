@@ -30,7 +30,6 @@ import triton.language as tl
 from torch import nn
 
 from .. import validate
-from ..crosscompile import DIV16, CompileSpec
 from ..mode import check_interpreter_dtype
 from ..reference import dispatch_sizes
 from .down_combine import down_combine
@@ -301,52 +300,35 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w1: torch.Tensor, w3
 
 
 # --------------------------------------------------------------------------------------------------
-# Cross-compilation specs (chapter 6): the one-launch routing + dispatch for every model shape, every
-# decode M, every BLOCK_M the tables give it, bf16 / fp16 logits (fp32 too: the router often runs in fp32).
+# Example launches (for the compile check, triton_moe/tools/crosscompile.py; chapter 6): :func:`fused_moe` at
+# every decode batch size that takes the one-launch routing + dispatch, for every model shape, bf16 and fp16
+# activations, logits in the activations' dtype and in fp32 (the router often runs in fp32), atomic and
+# deterministic combine. The forward's other launches (gate+up, down, combine) are listed under their own
+# kernels' modules, whose examples cover every batch size.
 
 
-def compile_specs() -> list[CompileSpec]:
-    from ..shapes import BATCH_SIZES, CPU_SHAPES, MODELS
-    from .fused_gate_up import all_configs
-    from .routing import next_pow2
+def example_launches() -> list:
+    from ..shapes import BATCH_SIZES, MODELS
 
-    from ..configs import pick
-    from .fused_gate_up import GPU_FALLBACK, shape_key, tuned_tables
+    def launch(s, M, dtype, logits_dtype, deterministic):
+        meta = dict(device="meta")
+        x = torch.empty(M, s.hidden, dtype=dtype, **meta)
+        w13 = torch.empty(s.experts, s.ffn, s.hidden, dtype=dtype, **meta)
+        w2 = torch.empty(s.experts, s.hidden, s.ffn, dtype=dtype, **meta)
+        logits = torch.empty(M, s.experts, dtype=logits_dtype, **meta)
+        fused_moe(x, logits, w13, w13, w2, s.top_k, deterministic=deterministic)
 
-    specs, seen = [], set()
-    for key, shape in list(MODELS.items()) + [(k + " (cpu)", v) for k, v in CPU_SHAPES.items()]:
-        E, k = shape.experts, shape.top_k
-        tables = [GPU_FALLBACK["fused_gate_up"]]          # and the tuned ones (AMD adapts them, same BLOCK_M)
-        for v in ("nvidia", "amd"):
-            tuned = tuned_tables("fused_gate_up", v)
-            t = tuned.get(shape_key(shape.hidden, shape.ffn, E, k)) or tuned.get("default")
-            tables += [t] if t else []
+    out = []
+    for key, s in MODELS.items():
         for M in BATCH_SIZES:
-            if not small_path(M, E, k):
+            if not small_path(M, s.experts, s.top_k):
                 continue
-            for bm in sorted({pick(t, M).BLOCK_M for t in tables}):   # the BLOCK_M a launch at M can get
-                for dt in ("bf16", "fp32"):                              # fp16 logits compile as bf16 do
-                    const = {"TOP_K": k, "K_P2": next_pow2(k), "RENORMALIZE": True, "BLOCK_T": next_pow2(M),
-                             "BLOCK_E": next_pow2(E), "S_P2": next_pow2(M * k), "BLOCK_M": bm, "FILL": 1024,
-                             "ZERO_BLOCK": ZERO_BLOCK}
-                    name = "route_dispatch[" + ",".join(f"{a}={b}" for a, b in const.items()) + f"] {dt}"
-                    if name in seen:
-                        continue
-                    seen.add(name)
-                    sig = {"logits_ptr": f"*{dt}", "weights_ptr": "*fp32", "ids_ptr": "*i32",
-                           "sorted_token_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-                           "num_tokens_post_padded_ptr": "*i32", "acc_ptr": "*fp32",
-                           "M": "i32", "E": "i32", "stride_lm": "i32", "acc_numel": "i32", "size": "i32",
-                           "max_blocks": "i32"}
-                    sig.update({c: "constexpr" for c in const})
-                    for v in ("nvidia", "amd"):   # each vendor's launch has its own warps
-                        warps = route_dispatch_warps(const["BLOCK_T"], const["BLOCK_E"], const["S_P2"], v)
-                        specs.append(CompileSpec(
-                            f"{name} {v} warps={warps}", route_dispatch_kernel, sig, const, num_warps=warps,
-                            num_stages=1, vendors=(v,),
-                            attrs={p: DIV16 for p in ("logits_ptr", "weights_ptr", "ids_ptr", "sorted_token_ids_ptr",
-                                                       "expert_ids_ptr", "num_tokens_post_padded_ptr", "acc_ptr")}))
-    return specs
+            for dtype, logits_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                        (torch.float16, torch.float16)):
+                for det in (False, True):
+                    out.append((f"{key} M={M}{', deterministic' if det else ''}",
+                                lambda s=s, M=M, dt=dtype, lt=logits_dtype, det=det: launch(s, M, dt, lt, det)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import triton.language as tl
 
 from .. import validate
 from ..configs import KernelConfig, load_table, pick
-from ..crosscompile import CompileSpec
 from ..mode import ON_GPU, check_interpreter_dtype
 from .dispatch import sorted_dispatch
 
@@ -235,61 +234,26 @@ def grouped_gemm_reference(a, w, topk_ids, a_rows_per_token):
     return out
 
 
-def _launch_specs(shape, M: int, cfg: KernelConfig, label: str, vendors: tuple = ("nvidia", "amd"),
-                  targets: tuple = ()) -> list:
-    """The launches :func:`moe_forward_grouped` makes for ``M`` tokens of ``shape`` with ``cfg`` (gate/up:
-    rows gathered from x with ``a_rows_per_token = top_k``; down: one row of h per slot, ``a_rows_per_token
-    = 1``, which a launch turns into the constant 1), recorded from :func:`grouped_gemm` itself on ``meta``
-    tensors, in bf16 and fp16."""
-    from ..crosscompile import capture_launches, retyped, spec_from_launch
-    from ..reference import dispatch_sizes
-
-    E, k, H, F = shape.experts, shape.top_k, shape.hidden, shape.ffn
-    size, max_blocks = dispatch_sizes(M, k, E, cfg.BLOCK_M)
-    meta = dict(device="meta")
-    d = (torch.empty(size, dtype=torch.int32, **meta), torch.empty(max_blocks, dtype=torch.int32, **meta),
-         torch.empty(1, dtype=torch.int32, **meta))
-    x = torch.empty(M, H, dtype=torch.float16, **meta)
-    w13 = torch.empty(E, F, H, dtype=torch.float16, **meta)
-    w2 = torch.empty(E, H, F, dtype=torch.float16, **meta)
-    h = torch.empty(M * k, F, dtype=torch.float16, **meta)
-    with capture_launches(grouped_gemm_kernel) as launches:
-        grouped_gemm(x, w13, *d, k, cfg)        # gate (and up: the same launch)
-        grouped_gemm(h, w2, *d, 1, cfg)         # down
-    specs = []
-    for proj, launch in zip(("gate/up", "down"), launches):
-        name = (f"grouped_gemm[{label}: BLOCK_M={cfg.BLOCK_M},BLOCK_N={cfg.BLOCK_N},BLOCK_K={cfg.BLOCK_K},"
-                f"GROUP_M={cfg.GROUP_M},warps={cfg.num_warps},stages={cfg.num_stages}"
-                + "".join(f",{k_}={v}" for k_, v in sorted(cfg.extra.items())) + f"; {shape.name} {proj} M={M}] fp16")
-        spec = spec_from_launch(name, launch, vendors=vendors, targets=targets)
-        specs += [retyped(spec, "fp16", "bf16"), spec]
-    return specs
+# --------------------------------------------------------------------------------------------------
+# Example launches (for the compile check, triton_moe/tools/crosscompile.py; chapter 6)
 
 
-def compile_specs() -> list:
-    """What every GPU target runs, as :func:`grouped_gemm` launches it (see :func:`_launch_specs`): each
-    target's table (:func:`gpu_table_for`; the tuned NVIDIA table on sm_90 only, the portable
-    DEFAULT_GPU_TABLE elsewhere) for Mixtral-8x7B (the shape the tables are tuned for) at the largest M of each
-    table row (4096 tokens for the last), in bf16 and fp16. The CPU table is left out: only the interpreter
-    runs it, and the interpreter compiles nothing."""
-    from ..crosscompile import TARGETS
-    from ..shapes import MODELS
+def example_launches() -> list:
+    """:func:`moe_forward_grouped` (dispatch, gate, up and down GEMMs; configs from the table of the GPU the
+    compile check simulates, :func:`config_table`) on ``meta`` tensors for Mixtral-8x7B (the shape the
+    tables are tuned for) at every batch size of the course, in bf16 and fp16. The CPU table is never
+    compiled: only the interpreter runs it, and the interpreter compiles nothing."""
+    from ..shapes import BATCH_SIZES, MODELS
 
-    shape = MODELS["mixtral"]
-    groups: dict = {}  # one entry per distinct table: (label, table) -> targets that run it
-    for t in TARGETS:
-        table = gpu_table_for(t)
-        label = "portable" if table is DEFAULT_GPU_TABLE else f"tuned {'amd' if t.startswith('gfx') else 'nvidia'}"
-        key = (label, repr([(m, c, sorted(c.extra.items())) for m, c in table]))
-        groups.setdefault(key, (table, []))[1].append(t)
-    specs = []
-    for (label, _), (table, targets) in groups.items():
-        vendors = tuple(dict.fromkeys(TARGETS[t].vendor for t in targets))
-        seen = set()
-        for max_m, cfg in table:
-            M = min(4096, -(-max_m // shape.top_k))
-            key = (dataclasses.astuple(cfg)[:6], tuple(sorted(cfg.extra.items())), M)
-            if key not in seen:
-                seen.add(key)
-                specs += _launch_specs(shape, M, cfg, f"{label}, {'/'.join(targets)}", vendors, tuple(targets))
-    return specs
+    s = MODELS["mixtral"]
+    out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        w13 = torch.empty(s.experts, s.ffn, s.hidden, dtype=dtype, device="meta")
+        w2 = torch.empty(s.experts, s.hidden, s.ffn, dtype=dtype, device="meta")
+        for M in BATCH_SIZES:
+            x = torch.empty(M, s.hidden, dtype=dtype, device="meta")
+            weights = torch.empty(M, s.top_k, dtype=torch.float32, device="meta")
+            ids = torch.empty(M, s.top_k, dtype=torch.int32, device="meta")
+            out.append((f"{s.name} M={M}", lambda x=x, wt=weights, ids=ids, w13=w13, w2=w2:
+                        moe_forward_grouped(x, wt, ids, w13, w13, w2)))
+    return out

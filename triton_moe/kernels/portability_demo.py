@@ -11,8 +11,9 @@ forward, small enough to read in one screen, and its launch config decides wheth
   half as many accumulator registers to hold.
 
 Configs come from per-vendor tables (:mod:`triton_moe.vendor`): ``triton_moe/tables/tiled_matmul.<vendor>.json``.
-``compile_specs()`` lists every config of those tables in bf16 and fp16 for the cross-compilation check;
-``planted_spill_specs()`` and ``planted_error_specs()`` are configs that must fail it (tests and chapter 6).
+``example_launches()`` launches it as each GPU would for the cross-compilation check
+(:mod:`triton_moe.tools.crosscompile`); ``planted_*_launches()`` launch configs that must fail it (tests and
+chapter 6).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import triton.language as tl
 
 from .. import validate
 from ..configs import KernelConfig
-from ..crosscompile import DIV16, CompileSpec
 
 KERNEL = "tiled_matmul"
 
@@ -82,57 +82,36 @@ def tiled_matmul(a: torch.Tensor, w: torch.Tensor, config: KernelConfig | None =
 
 
 # --------------------------------------------------------------------------------------------------
-# Cross-compilation specs (chapter 6)
+# Example launches (for the compile check, triton_moe/tools/crosscompile.py; chapter 6)
 
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def spec_for(config: KernelConfig, dtype: str = "bf16", vendors: tuple = ("nvidia", "amd"),
-             label: str = "", targets: tuple = ()) -> CompileSpec:
-    """The compile spec of ``tiled_matmul_kernel`` in one config, specialised as a real launch on
-    contiguous tensors is: unit strides become constexpr 1, pointers and the other strides are
-    16-divisible (K and N multiples of 16, as every model shape in the course is)."""
-    ptr = f"*{dtype}"
-    signature = {"a_ptr": ptr, "w_ptr": ptr, "c_ptr": ptr, "M": "i32", "N": "i32", "K": "i32",
-                 "stride_am": "i32", "stride_ak": "constexpr", "stride_wn": "i32", "stride_wk": "constexpr",
-                 "stride_cm": "i32", "stride_cn": "constexpr",
-                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
-    constexprs = {"stride_ak": 1, "stride_wk": 1, "stride_cn": 1, "BLOCK_M": config.BLOCK_M,
-                  "BLOCK_N": config.BLOCK_N, "BLOCK_K": config.BLOCK_K, "GROUP_M": config.GROUP_M}
-    attrs = {p: DIV16 for p in ("a_ptr", "w_ptr", "c_ptr", "N", "K", "stride_am", "stride_wn", "stride_cm")}
-    name = (f"{KERNEL}[{config.BLOCK_M}x{config.BLOCK_N}x{config.BLOCK_K} w{config.num_warps} "
-            f"s{config.num_stages}" + "".join(f" {k}={v}" for k, v in sorted(config.extra.items())) + "]"
-            + (f" {label}" if label else "") + f" {dtype}")
-    return CompileSpec(name, tiled_matmul_kernel, signature, constexprs, num_warps=config.num_warps,
-                       num_stages=config.num_stages, options=dict(config.extra), attrs=attrs,
-                       vendors=tuple(vendors), targets=tuple(targets))
+EXAMPLE_NK = 4096  # N and K of the example launches (multiples of 16, as every model shape in the course)
 
 
-def compile_specs() -> list[CompileSpec]:
-    """Every config of every table of this kernel (vendor tables, fallbacks, device tables), bf16 and fp16;
-    each table's configs are compiled for its own targets only (an AMD table's ``waves_per_eu`` means nothing
-    to ptxas, an H100 table need not fit an A100)."""
+def _launch(M: int, config: KernelConfig | None = None, dtype=torch.bfloat16):
+    a = torch.empty(M, EXAMPLE_NK, dtype=dtype, device="meta")
+    w = torch.empty(EXAMPLE_NK, EXAMPLE_NK, dtype=dtype, device="meta")
+    return lambda: tiled_matmul(a, w, config)
+
+
+def example_launches() -> list:
+    """:func:`tiled_matmul` on ``meta`` tensors at the largest M of every row of every table of this kernel
+    (4096 for the last), bf16 and fp16; the compile check simulates each GPU, so each runs the config its own
+    table gives it (a device with its own table, such as the H100's, runs that one)."""
     from ..vendor import vendor_tables
 
-    specs = []
-    for label, vendor, targets, table in vendor_tables(KERNEL):
-        seen = []
-        for _, cfg in table:
-            if any(cfg == c and cfg.extra == c.extra for c in seen):
-                continue
-            seen.append(cfg)
-            for dtype in ("bf16", "fp16"):
-                specs.append(spec_for(cfg, dtype, (vendor,), label=f"({label} table)", targets=targets))
-    return specs
+    ms = sorted({min(4096, m) for _, _, _, table in vendor_tables(KERNEL) for m, _ in table})
+    return [(f"M={M}", _launch(M, dtype=dtype)) for M in ms for dtype in (torch.bfloat16, torch.float16)]
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def specs_for_config(BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, GROUP_M: int = 8, num_warps: int = 4,
-                     num_stages: int = 2, extra: dict | None = None, dtype: str = "bf16",
-                     vendors: tuple = ("nvidia", "amd")) -> list[CompileSpec]:
-    """One config as a spec list, for ``crosscompile`` sources like
+                     num_stages: int = 2, extra: dict | None = None, dtype: str = "bf16", M: int = 4096) -> list:
+    """One config as example launches, for compile-check sources like
     ``"triton_moe.kernels.portability_demo:specs_for_config|{json kwargs}"`` (chapter 6's checker)."""
     cfg = KernelConfig(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, dict(extra or {}))
-    return [spec_for(cfg, dtype, tuple(vendors))]
+    return [(f"chosen config, M={M}", _launch(M, cfg, _DTYPES[dtype]))]
 
 
 # Configs that must fail the check, kept as lessons for chapter 6 and as tests of the check itself. What each
@@ -143,24 +122,24 @@ LDS_OVERFLOW_CONFIG = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_war
 COMPILE_ERROR_CONFIG = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=8, num_warps=4, num_stages=2)
 
 
-def planted_spill_specs() -> list[CompileSpec]:
+def planted_spill_launches() -> list:
     """A 256x256 fp32 accumulator over only 4 warps: 65536 values for 128 NVIDIA threads (512 each; a
     thread has at most 255 registers) or 256 AMD lanes (256 each, plus everything else). Spills everywhere."""
-    return [spec_for(SPILL_CONFIG, "bf16", label="(planted spill)")]
+    return [("planted spill", _launch(4096, SPILL_CONFIG))]
 
 
-def planted_nvidia_spill_specs() -> list[CompileSpec]:
+def planted_nvidia_spill_launches() -> list:
     """128x256 over 4 warps: 256 accumulator registers per NVIDIA thread (spills), 128 per AMD lane, whose
     512 VGPRs (256 architectural + 256 accumulation) hold it. Spills on one vendor, not the other."""
-    return [spec_for(NVIDIA_SPILL_CONFIG, "bf16", label="(planted spill on NVIDIA)")]
+    return [("planted spill on NVIDIA", _launch(4096, NVIDIA_SPILL_CONFIG))]
 
 
-def planted_overflow_specs() -> list[CompileSpec]:
+def planted_overflow_launches() -> list:
     """The NVIDIA table's large-M tile with 4 stages: 96-128 KB of shared memory. Fits an H100 block (227 KB)
     and an A100 block (163 KB), not the 64 KB LDS of an MI300X / MI250X workgroup."""
-    return [spec_for(LDS_OVERFLOW_CONFIG, "bf16", label="(planted LDS overflow)")]
+    return [("planted LDS overflow", _launch(4096, LDS_OVERFLOW_CONFIG))]
 
 
-def planted_error_specs() -> list[CompileSpec]:
+def planted_error_launches() -> list:
     """BLOCK_K=8: the interpreter runs it, but ``tl.dot`` needs K >= 16 on the GPU backends."""
-    return [spec_for(COMPILE_ERROR_CONFIG, "bf16", label="(planted compile error)")]
+    return [("planted compile error", _launch(4096, COMPILE_ERROR_CONFIG))]

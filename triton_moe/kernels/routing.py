@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 
 from .. import validate
-from ..crosscompile import CompileSpec
 from ..mode import ON_GPU
 
 
@@ -265,51 +264,29 @@ def append_shared_expert(weights: torch.Tensor, ids: torch.Tensor, shared_id: in
     return torch.cat([weights, w], dim=1), torch.cat([ids, i], dim=1)
 
 
-ROUTER_SPEC_TOKENS = (1, 4096)  # decode (a launch makes M=1 the constant 1) and prefill
+# --------------------------------------------------------------------------------------------------
+# Example launches (for the compile check, triton_moe/tools/crosscompile.py; chapter 6)
+
+EXAMPLE_TOKENS = (1, 4096)  # decode (a launch makes M=1 the constant 1) and prefill
 
 
-def _router_launches(shape, vendor: str, M: int) -> list:
-    """The launches the router of ``shape`` makes for ``M`` tokens on a ``vendor`` GPU, recorded from the host
-    wrapper itself on ``meta`` fp16 logits with that vendor's launch table (``tables/routing.<vendor>.json``,
-    defaults where none): [(label, launch)] (topk_softmax with and without renormalisation)."""
-    from ..crosscompile import capture_launches
-
-    global launch_table
-    E, k = shape.experts, shape.top_k
-    logits = torch.empty(M, E, dtype=torch.float16, device="meta")
-    real_table, launch_table = launch_table, (lambda v=None: real_table(vendor))  # as on that vendor's GPU
-    try:
-        with capture_launches(topk_softmax_kernel, deepseek_v3_route_kernel) as launches:
-            if shape.router == "deepseek_v3":
-                bias = torch.empty(E, dtype=torch.float32, device="meta")
-                deepseek_v3_route(logits, bias, k, 8, 4, 2.5)  # DeepSeek-V3: n_group=8, topk_group=4
-                labels = [""]
-            else:
-                for renormalize in (True, False):
-                    topk_softmax(logits, k, renormalize)
-                labels = [", renormalize=True", ", renormalize=False"]
-    finally:
-        launch_table = real_table
-    return list(zip(labels, launches))
-
-
-def compile_specs() -> list:
-    """Both routers for every model of :data:`triton_moe.shapes.MODELS` as the host wrappers launch them
-    (:func:`_router_launches`) at M = 1 and 4096 tokens, bf16 and fp16 logits, with each vendor's launch
-    table on that vendor's targets (Mixtral/Qwen3: topk_softmax with and without renormalisation;
-    DeepSeek-V3: its grouped router, n_group=8, topk_group=4). The CPU copies of the models are left out:
-    only the interpreter runs them."""
-    from ..crosscompile import retyped, spec_from_launch
+def example_launches() -> list:
+    """Both routers for every model of :data:`triton_moe.shapes.MODELS` at M = 1 and 4096 tokens, bf16 and
+    fp16 logits, on ``meta`` tensors (Mixtral/Qwen3: topk_softmax with and without renormalisation;
+    DeepSeek-V3: its grouped router, n_group=8, topk_group=4). Each GPU's launch table applies where the
+    compile check simulates that GPU."""
     from ..shapes import MODELS
 
-    specs = []
+    out = []
     for key, shape in MODELS.items():
-        for vendor in ("nvidia", "amd"):
-            for M in ROUTER_SPEC_TOKENS:
-                for label, launch in _router_launches(shape, vendor, M):
-                    kw = launch.kwargs
-                    name = (f"{launch.fn.__name__.removesuffix('_kernel')}[{key}{label}, M={M}, "
-                            f"BLOCK_T={kw['BLOCK_T']}, warps={kw.get('num_warps', 4)}, {vendor}] fp16")
-                    spec = spec_from_launch(name, launch, vendors=(vendor,))
-                    specs += [retyped(spec, "fp16", "bf16"), spec]
-    return specs
+        E, k = shape.experts, shape.top_k
+        for M in EXAMPLE_TOKENS:
+            for dtype in (torch.bfloat16, torch.float16):
+                logits = torch.empty(M, E, dtype=dtype, device="meta")
+                if shape.router == "deepseek_v3":
+                    bias = torch.empty(E, dtype=torch.float32, device="meta")
+                    out.append((f"{key} M={M}", lambda l=logits, b=bias, k=k: deepseek_v3_route(l, b, k, 8, 4, 2.5)))
+                else:
+                    for renormalize in (True, False):
+                        out.append((f"{key} M={M}", lambda l=logits, k=k, r=renormalize: topk_softmax(l, k, r)))
+    return out
