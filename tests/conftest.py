@@ -9,6 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The GPU compile check of learner kernels after an interpreter pass (triton_moe/tools/learner_compile.py) costs a
+# worker process per new kernel: off in tests unless they turn it on (tests/test_learner_compile.py does).
+os.environ.setdefault("TRITON_MOE_COMPILE_CHECK", "0")
 
 import triton_moe  # noqa: E402,F401  (decides the mode before any kernel is defined)
 from triton_moe.mode import ON_GPU  # noqa: E402

@@ -245,8 +245,11 @@ class Exercise:
         untouched = any(is_untouched(f) for f in watched)
         stub_note = ("the exercise still holds its stub (the '# YOUR CODE HERE' block); if you wrote code, "
                      "delete that line and the stub lines under it")
+        from .tools import learner_compile  # an interpreter pass must also compile for the GPU (CPU mode)
+
         try:
-            cases = self.check(fn, seed) or []
+            with learner_compile.recording() as launches:
+                cases = self.check(fn, seed) or []
         except NotImplementedError as exc:
             return CheckResult(self.key, NOT_ATTEMPTED, str(exc) or "the function raises NotImplementedError",
                                hint=self.hint, seed=seed)
@@ -261,6 +264,9 @@ class Exercise:
             status, prefix = (NOT_ATTEMPTED, f"{stub_note}. ") if untouched else (FAILED, "")
             return CheckResult(self.key, status, f"{prefix}your code raised {type(exc).__name__}: {exc}{where}",
                                hint=self.hint, seed=seed)
+        problems = learner_compile.compile_problems(None, launches) if learner_compile.enabled() else []
+        if problems:
+            return CheckResult(self.key, FAILED, problems[0], learner_compile.HINT, seed)
         return CheckResult(self.key, PASSED, seed=seed, cases=list(cases))
 
     def __call__(self, fn, seed: int | None = None, **namespace) -> CheckResult:
