@@ -13,7 +13,7 @@ from triton_moe.tools import learner_compile as lc
 pytestmark = pytest.mark.skipif(mode.ON_GPU, reason="the check runs after interpreter passes (CPU mode)")
 
 # Two notebook cells, as the grader writes them (<notebook>_cell_NN.py): constants, then the kernels.
-CELL_4 = "import triton.language as tl\n\nBLOCK = tl.constexpr(16)\nROWS = 16\n"
+CELL_4 = "import triton.language as tl\n\nBLOCK = tl.constexpr(16)\nSCALE = tl.constexpr(16)\nROWS = 16\n"
 CELL_5 = '''import triton
 import triton.language as tl
 
@@ -37,9 +37,10 @@ def loop_value(x_ptr, out_ptr, n):
 
 
 @triton.jit
-def runtime_arange(x_ptr, out_ptr, n):
-    offs = tl.arange(0, n)
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs) * 2)
+def runtime_unroll(x_ptr, out_ptr, n):
+    offs = tl.arange(0, BLOCK)
+    for i in tl.static_range(n):
+        tl.store(out_ptr + offs, tl.load(x_ptr + i * BLOCK + offs) * 2)
 
 
 @triton.jit
@@ -48,7 +49,13 @@ def correct_sum(x_ptr, out_ptr, n):
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(0, n):
         acc += tl.load(x_ptr + i * BLOCK + offs)
-    tl.store(out_ptr + offs, acc * ROWS)
+    tl.store(out_ptr + offs, acc * SCALE)
+
+
+@triton.jit
+def plain_global(x_ptr, out_ptr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs) * ROWS)
 '''
 
 
@@ -76,7 +83,8 @@ def _check_all(ns):
     with lc.recording() as launches:
         ns["dot_k8"][(1,)](a, b, c, K=8)
         ns["loop_value"][(1,)](x, out, 3)
-        ns["runtime_arange"][(1,)](x, out, 16)
+        ns["runtime_unroll"][(1,)](x, out, 3)
+        ns["plain_global"][(1,)](x, out)
         ns["correct_sum"][(1,)](x, out, 3)
     torch.testing.assert_close(out, x.view(3, 16).sum(0) * 16)   # the interpreter accepted all of them
     torch.testing.assert_close(c, a @ b, rtol=1e-4, atol=1e-4)
@@ -86,16 +94,17 @@ def _check_all(ns):
 def test_interpreter_only_kernels_are_rejected_with_the_learners_line(notebook):
     assert lc.enabled()
     launches = _check_all(notebook)
-    assert [k.__name__ for k, _ in launches] == ["dot_k8", "loop_value", "runtime_arange", "correct_sum"]
+    assert [k.__name__ for k, _ in launches] == ["dot_k8", "loop_value", "runtime_unroll", "plain_global", "correct_sum"]
     t0 = time.perf_counter()
     problems = lc.compile_problems(None, launches)
     first = time.perf_counter() - t0
     by = {p.split()[2]: p for p in problems}
-    assert set(by) == {"dot_k8", "loop_value", "runtime_arange"}, problems
+    assert set(by) == {"dot_k8", "loop_value", "runtime_unroll", "plain_global"}, problems
     assert "(sm_90): Input shapes should have M >= 1, N >= 1 and K >= 16 (cell 5, line 11: c = tl.dot(a, b))" in by["dot_k8"]
     assert "acc is not defined" in by["loop_value"] and "(cell 5, line 20: tl.store(out_ptr + offs, acc))" in by["loop_value"]
-    assert "arange's arguments must be of type tl.constexpr" in by["runtime_arange"]
-    assert "(cell 5, line 25: offs = tl.arange(0, n))" in by["runtime_arange"]
+    assert "(cell 5, line 26: for i in tl.static_range(n):)" in by["runtime_unroll"], by["runtime_unroll"]
+    assert "Cannot access global variable ROWS" in by["plain_global"]      # a plain Python global: GPU-only error
+    assert "(cell 5, line 42: tl.store(out_ptr + offs, tl.load(x_ptr + offs) * ROWS))" in by["plain_global"]
     assert all(p.startswith("your kernel ") and "compiles in the interpreter but not for the GPU" in p for p in problems)
     t0 = time.perf_counter()
     assert lc.compile_problems(None, launches) == problems   # cached: no worker
@@ -110,8 +119,25 @@ def test_a_correct_kernel_is_accepted(notebook):
 
 def test_module_holds_the_constants_and_imports_the_kernel_uses(notebook):
     source, where = lc.module_source([notebook["correct_sum"]])
-    assert "BLOCK = tl.constexpr(16)" in source and "ROWS = 16" in source and "def correct_sum(" in source
-    assert where["correct_sum"][1] == 30 and where["correct_sum"][0].endswith("learner_cell_05.py")
+    assert "BLOCK = tl.constexpr(16)" in source and "SCALE = tl.constexpr(16)" in source and "ROWS" not in source
+    assert "def correct_sum(" in source
+    assert where["correct_sum"][1] == 31 and where["correct_sum"][0].endswith("learner_cell_05.py")
+
+
+def test_a_run_time_arange_bound_fails_in_the_interpreter_already(tmp_path):
+    """tl.arange with a run-time bound (or a non-power-of-two one) is rejected by the interpreter itself
+    (triton 3.6 and 3.7): the learner already gets an error there; the unrolled loop above is the case
+    only the compiler catches."""
+    import triton
+    import triton.language as tl
+
+    f = tmp_path / "arange_cell_03.py"
+    f.write_text("import triton\nimport triton.language as tl\n\n@triton.jit\n"
+                 "def k(x_ptr, n):\n    tl.store(x_ptr + tl.arange(0, n), 1.0)\n")
+    ns = {}
+    exec(compile(f.read_text(), str(f), "exec"), ns)
+    with pytest.raises(Exception, match="arange's arguments must be of type tl.constexpr"):
+        ns["k"][(1,)](torch.empty(16), 16)
 
 
 def test_package_kernels_are_not_recorded_and_the_switch_turns_it_off(monkeypatch):

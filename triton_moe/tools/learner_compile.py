@@ -41,7 +41,8 @@ ENV = "TRITON_MOE_COMPILE_CHECK"
 MAX_LAUNCHES_PER_KERNEL = 4   # distinct specialisations compiled per kernel (shapes of one check differ little)
 CACHE = cc.ROOT / ".triton_cache" / "learner_compile"
 HINT = ("the interpreter runs a kernel as Python; the GPU compiler is stricter: tl.dot needs K >= 16 (NVIDIA), "
-        "tl.arange needs tl.constexpr bounds, and a value used after a loop must exist before it")
+        "tl.static_range and tl.arange need tl.constexpr bounds, a value used after a loop must exist before it, "
+        "and a global a kernel reads must be a tl.constexpr (X = tl.constexpr(16))")
 PACKAGE_DIRS = (str(cc.ROOT / "triton_moe"),)
 
 
@@ -260,7 +261,7 @@ def _compile_group(group, source, where, targets, timeout) -> list[str]:
         for r in results:
             if r["kernel"] == kernel.__name__ and not r["ok"] and r["error"].startswith("CompilationError"):
                 where_text = _locate(r["error"], where)
-                reason = cc.error_summary(r["error"]).split(" (at ")[0]
+                reason = cc.error_summary(r["error"]).split(" (CompilationError: at ")[0].split(". Note that")[0][:300]
                 out.append(f"your kernel {kernel.__name__} compiles in the interpreter but not for the GPU "
                            f"({r['target']}): {reason}" + (f" ({where_text})" if where_text else ""))
                 break
