@@ -26,6 +26,7 @@ from .. import validate
 from ..configs import KernelConfig
 from ..crosscompile import DIV16, CompileSpec
 from ..mode import check_interpreter_dtype
+from .grouped_gemm import grouped_launch_order
 from .fused_gate_up import all_configs, blocks_bound, check_dispatch, fit_shared, pick_config, with_block_m
 
 
@@ -40,15 +41,8 @@ def down_combine_kernel(
 ):
     """acc[slot // top_k] += w * (h[slot] . w2[e, n]) (ATOMIC), or acc[slot] = w * (h[slot] . w2[e, n])
     (per-slot rows); N = hidden, K = ffn. Program axis 1 is the K slice (split_k > 1 only with ATOMIC)."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_launch_order(tl.program_id(0), EM // BLOCK_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = EM // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
 
     num_post = tl.load(num_tokens_post_padded_ptr)
     if pid_m * BLOCK_M >= num_post:

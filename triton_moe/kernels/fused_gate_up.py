@@ -33,6 +33,7 @@ from .. import validate
 from ..configs import KernelConfig, pick
 from ..crosscompile import DIV16, CompileSpec
 from ..mode import ON_GPU, check_interpreter_dtype
+from .grouped_gemm import grouped_launch_order
 
 TABLES = Path(__file__).resolve().parent.parent / "tables"
 INF = 1 << 30
@@ -229,16 +230,9 @@ def fused_gate_up_kernel(
     """out[slot, n] = silu(x[slot // top_k] . w1[e, n]) * (x[slot // top_k] . w3[e, n]) for the slots of
     each dispatch block (expert e); N = ffn, K = hidden. top_k and num_slots (= M * top_k) are run-time
     ints (not specialised), so one compiled kernel serves every M and every model's top_k."""
-    pid = tl.program_id(0)
-    num_pid_m = EM // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
     # Programs of GROUP_M consecutive row blocks share a column block, so its weight tile is read from
-    # memory once and from L2 by the others.
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    # memory once and from L2 by the others (chapter 3's launch order).
+    pid_m, pid_n = grouped_launch_order(tl.program_id(0), EM // BLOCK_M, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     # Skip the blocks past the end of the dispatch: inactive experts launch nothing that works.
     num_post = tl.load(num_tokens_post_padded_ptr)

@@ -35,6 +35,7 @@ from ..mode import check_interpreter_dtype
 from ..reference import dispatch_sizes
 from .down_combine import down_combine
 from .fused_gate_up import fused_gate_up, pick_config, with_block_m
+from .routing import topk_select
 
 __all__ = ["fused_moe", "fused_experts", "FusedMoEBlock", "route", "dispatch"]
 
@@ -123,17 +124,12 @@ def route_dispatch_kernel(logits_ptr, weights_ptr, ids_ptr, sorted_token_ids_ptr
                     mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
         x = tl.where(rmask[:, None], x, 0.0)
         x_max = tl.max(x, axis=1)
-        denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
-        chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
-        chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            best = tl.max(x, axis=1)
-            idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)
-            chosen_ids = tl.where(kslots[None, :] == j, idx[:, None], chosen_ids)
-            chosen_w = tl.where(kslots[None, :] == j, tl.exp(best - x_max)[:, None], chosen_w)
-            x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
+        chosen_ids, best = topk_select(x, x, BLOCK_T, BLOCK_E, K_P2, TOP_K, False)
+        chosen_w = tl.where(kslots[None, :] < TOP_K, tl.exp(best - x_max[:, None]), 0.0)
         if RENORMALIZE:
             denom = tl.sum(chosen_w, axis=1)
+        else:
+            denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
         out = rows[:, None] * TOP_K + kslots[None, :]
         omask = rmask[:, None] & (kslots[None, :] < TOP_K)
         tl.store(ids_ptr + out, chosen_ids, mask=omask)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .. import validate
 from ..configs import KernelConfig
+from .grouped_gemm import grouped_launch_order
 from ..crosscompile import DIV16, CompileSpec
 
 KERNEL = "tiled_matmul"
@@ -32,15 +33,8 @@ def tiled_matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K,
                         stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    # Grouped program order: GROUP_M row blocks share each column block of W while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
+    # Grouped program order (chapter 3): GROUP_M row blocks share each column block of W while it is in L2.
+    pid_m, pid_n = grouped_launch_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -68,6 +68,34 @@ def deepseek_v3_route_reference(logits: torch.Tensor, correction_bias: torch.Ten
 
 
 @triton.jit
+def topk_select(x, y, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K_P2: tl.constexpr, TOP_K: tl.constexpr,
+                GATHER: tl.constexpr):
+    """The TOP_K largest entries of each row of ``x`` [BLOCK_T, BLOCK_E], largest first, ties to the LOWER
+    column: returns (ids int32 [BLOCK_T, K_P2], values fp32 [BLOCK_T, K_P2]), the values being the chosen
+    entries of ``x``, or with GATHER those of ``y`` at the chosen columns; slots >= TOP_K hold 0. Every later
+    router (DeepSeek-V3's, the decode route + dispatch of chapter 5) imports this selection."""
+    cols = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, K_P2)
+    ### BEGIN SOLUTION
+    # HINT: k times: the row max, its LOWEST column among ties (tl.min over tl.where(x == best, cols, BLOCK_E)),
+    # HINT: record it in slot j (tl.where(slots == j, ...)), then set that column of x to -inf.
+    ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
+    vals = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(x, axis=1)
+        idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        if GATHER:
+            best = tl.sum(tl.where(cols[None, :] == idx[:, None], y, 0.0), axis=1)
+        ids = tl.where(slots[None, :] == j, idx[:, None], ids)
+        vals = tl.where(slots[None, :] == j, best[:, None], vals)
+        x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
+    # STUB: ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
+    # STUB: vals = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+    ### END SOLUTION
+    return ids, vals
+
+
+@triton.jit
 def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, M, E, stride_lm,
                         TOP_K: tl.constexpr, K_P2: tl.constexpr, RENORMALIZE: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -80,24 +108,18 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, M, E, stride_lm,
     x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :],
                 mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
     x = tl.where(rmask[:, None], x, 0.0)   # rows past M: finite values (their results are never stored)
+    # Softmax is monotonic: choose on the logits (exactly what the float64 reference compares).
+    chosen_ids, best = topk_select(x, x, BLOCK_T, BLOCK_E, K_P2, TOP_K, False)
     ### BEGIN SOLUTION
-    # HINT: softmax is monotonic: choose on the logits. k times: the row max, its LOWEST column among ties
-    # HINT: (tl.min over tl.where(x == best, cols, BLOCK_E)), record it, then set that column to -inf.
-    # HINT: weight = exp(logit - row max) / (sum over all experts, or over the k chosen when RENORMALIZE)
+    # HINT: weight = exp(logit - row max) / (sum over all experts, or over the k chosen when RENORMALIZE);
+    # HINT: slots >= TOP_K must weigh 0 (they are never stored, but they must not enter the sum).
     x_max = tl.max(x, axis=1)
-    denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
-    chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
-    chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(x, axis=1)
-        idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        chosen_ids = tl.where(slots[None, :] == j, idx[:, None], chosen_ids)
-        chosen_w = tl.where(slots[None, :] == j, tl.exp(best - x_max)[:, None], chosen_w)
-        x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
+    chosen_w = tl.where(slots[None, :] < TOP_K, tl.exp(best - x_max[:, None]), 0.0)
     if RENORMALIZE:
         denom = tl.sum(chosen_w, axis=1)
+    else:
+        denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
     weights = chosen_w / denom[:, None]
-    # STUB: chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
     # STUB: weights = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
     ### END SOLUTION
     out = rows[:, None] * TOP_K + slots[None, :]
@@ -133,10 +155,8 @@ def deepseek_v3_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, M, E, s
     group_score = tl.full([BLOCK_T, G_P2], NEG, dtype=tl.float32)
     for g in tl.static_range(N_GROUP):
         v = tl.where(group[None, :] == g, choice, NEG)
-        top1 = tl.max(v, axis=1)
-        i1 = tl.min(tl.where(v == top1[:, None], cols[None, :], BLOCK_E), axis=1)
-        top2 = tl.max(tl.where(cols[None, :] == i1[:, None], NEG, v), axis=1)
-        group_score = tl.where(gcols[None, :] == g, (top1 + top2)[:, None], group_score)
+        _, two_best = topk_select(v, v, BLOCK_T, BLOCK_E, 2, 2, False)
+        group_score = tl.where(gcols[None, :] == g, tl.sum(two_best, axis=1)[:, None], group_score)
     keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
     for j in tl.static_range(TOPK_GROUP):
         best = tl.max(group_score, axis=1)
@@ -146,15 +166,8 @@ def deepseek_v3_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, M, E, s
     choice = tl.where(keep, choice, NEG)
     # STUB: choice = choice
     ### END SOLUTION
-    chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
-    chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(choice, axis=1)
-        idx = tl.min(tl.where(choice == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        w = tl.sum(tl.where(cols[None, :] == idx[:, None], scores, 0.0), axis=1)   # unbiased score
-        chosen_ids = tl.where(slots[None, :] == j, idx[:, None], chosen_ids)
-        chosen_w = tl.where(slots[None, :] == j, w[:, None], chosen_w)
-        choice = tl.where(cols[None, :] == idx[:, None], NEG, choice)
+    # Choose on the biased scores, weigh with the unbiased ones (gathered at the chosen columns).
+    chosen_ids, chosen_w = topk_select(choice, scores, BLOCK_T, BLOCK_E, K_P2, TOP_K, True)
     weights = chosen_w / tl.sum(chosen_w, axis=1)[:, None] * scale
     out = rows[:, None] * TOP_K + slots[None, :]
     omask = rmask[:, None] & (slots[None, :] < TOP_K)
