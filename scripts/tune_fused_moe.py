@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import triton_moe  # noqa: E402,F401
+from triton_moe import configs  # noqa: E402
 from triton_moe.configs import KernelConfig  # noqa: E402
 from triton_moe.kernels import fused_gate_up as fgu  # noqa: E402
 from triton_moe.kernels.down_combine import down_combine  # noqa: E402
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
         old = fgu.TABLES / f"{kernel}.{info().vendor}.json"
         if old.exists():
             for sk, rows in json.loads(old.read_text()).get("shapes", {}).items():
-                tables[kernel][sk] = fgu._rows_to_table(rows)
+                tables[kernel][sk] = configs.rows_from_json(rows)
     t0 = time.time()
     i = info()
     a.out.mkdir(parents=True, exist_ok=True)

@@ -305,7 +305,7 @@ def test_course_specs_are_real_launches_of_gpu_tables():
         assert all(gg.gpu_table_for(t) == table for t in s.targets), s.name
     tuned = [s for s in specs if "tuned nvidia" in s.name]
     assert tuned and all(s.targets == ("sm_90",) for s in tuned)
-    assert gg.gpu_table_for("sm_80") is gg.DEFAULT_GPU_TABLE is gg.gpu_table_for("gfx942")
+    assert gg.gpu_table_for("sm_80") == gg.DEFAULT_GPU_TABLE == gg.gpu_table_for("gfx942")
     rs = routing.compile_specs()
     assert not [s for s in rs if "(cpu)" in s.name]
     ds_nv = [s for s in rs if s.name.startswith("deepseek_v3_route") and s.vendors == ("nvidia",)]

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .. import validate
 from ..crosscompile import CompileSpec
-from ..mode import ON_GPU
+from ..target import current as current_target
 from ..reference import dispatch_sizes
 
 
@@ -124,10 +124,12 @@ def next_pow2(n: int) -> int:
     return max(2, triton.next_power_of_2(int(n)))
 
 
-def dispatch_launch_params(num_slots: int, num_experts: int, block_m: int, for_gpu: bool = ON_GPU) -> dict:
+def dispatch_launch_params(num_slots: int, num_experts: int, block_m: int, for_gpu: bool | None = None) -> dict:
     """Tile sizes of the four kernels (host-side Python ints only: no GPU value is read). On a GPU one step is a
     [SUB, E] one-hot tile of about 8K values (registers) and up to ~128 chunks run in parallel; in the
     interpreter every operation costs about the same whatever its size, so few, large steps."""
+    if for_gpu is None:
+        for_gpu = current_target().on_gpu
     e_p2 = next_pow2(num_experts)
     tile, max_sub, max_chunks = (8192, 128, 128) if for_gpu else (1 << 17, 1024, 4)
     sub = max(16, min(max_sub, tile // e_p2))
@@ -209,16 +211,11 @@ def _dispatch_launches(M: int, top_k: int, num_experts: int, block_m: int, ids_d
     """The four launches :func:`sorted_dispatch` makes on a GPU for ``M`` tokens (tile sizes of
     :func:`dispatch_launch_params` with ``for_gpu=True``), recorded from the wrapper itself on ``meta`` ids."""
     from ..crosscompile import capture_launches
+    from ..target import simulate
 
-    global dispatch_launch_params
-    real = dispatch_launch_params
-    dispatch_launch_params = lambda *a, **k: real(*a, **{**k, "for_gpu": True})  # noqa: E731 (as on a GPU)
-    try:
-        with capture_launches(dispatch_count_kernel, dispatch_offsets_kernel, dispatch_layout_kernel,
-                              dispatch_scatter_kernel) as launches:
-            sorted_dispatch(torch.empty(M, top_k, dtype=ids_dtype, device="meta"), num_experts, block_m)
-    finally:
-        dispatch_launch_params = real
+    with simulate("sm_90"), capture_launches(dispatch_count_kernel, dispatch_offsets_kernel, dispatch_layout_kernel,
+                                             dispatch_scatter_kernel) as launches:   # tile sizes as on a GPU
+        sorted_dispatch(torch.empty(M, top_k, dtype=ids_dtype, device="meta"), num_experts, block_m)
     return launches
 
 

@@ -171,9 +171,9 @@ def route_dispatch_warps(block_t: int, block_e: int, s_p2: int, vendor_name: str
 
 
 def _vendor() -> str:
-    from .fused_gate_up import vendor
+    from ..target import current
 
-    return vendor()
+    return current().vendor
 
 
 def small_path(M: int, E: int, top_k: int) -> bool:

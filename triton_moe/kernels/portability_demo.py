@@ -20,12 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import validate
+from .. import configs, validate
 from ..configs import KernelConfig
 from .grouped_gemm import grouped_launch_order
 from ..crosscompile import DIV16, CompileSpec
 
 KERNEL = "tiled_matmul"
+# Tables: tables/tiled_matmul.<device>.json (benchmarks/ch06_portability.py --tune), .<vendor>.json (chosen
+# from the compile report), .cpu.json. This portable table (small tiles, 2 stages: fits any target) serves a
+# GPU none of them covers.
+_PORTABLE = ((64, KernelConfig(32, 64, 32, 8, 4, 2)), (1 << 30, KernelConfig(64, 64, 32, 8, 4, 2)))
+configs.register(configs.Op(KERNEL, key="rows M of a", cpu=_PORTABLE, portable=_PORTABLE, amd_borrows=True))
 
 
 @triton.jit
@@ -57,7 +62,6 @@ def tiled_matmul(a: torch.Tensor, w: torch.Tensor, config: KernelConfig | None =
     """``a @ w.T`` for ``a: [M, K]``, ``w: [N, K]``; the config comes from this device's vendor table
     unless given. On the CPU (interpreter) use float16 or float32."""
     from ..mode import check_interpreter_dtype
-    from ..vendor import pick_config
 
     validate.tensor("a", a, ndim=2, dtypes=validate.FLOAT_DTYPES, nonempty=True, contiguous=False)
     validate.tensor("w", w, ndim=2, dtypes=validate.FLOAT_DTYPES, device=a.device, contiguous=False)
@@ -67,7 +71,7 @@ def tiled_matmul(a: torch.Tensor, w: torch.Tensor, config: KernelConfig | None =
     check_interpreter_dtype("tiled_matmul", a.dtype)
     M, K = a.shape
     N = w.shape[0]
-    cfg = config or pick_config(KERNEL, M)
+    cfg = config or configs.choose(KERNEL, M)
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     tiled_matmul_kernel[grid](a, w, c, M, N, K, a.stride(0), a.stride(1), w.stride(0), w.stride(1),

@@ -20,12 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-import json
-from pathlib import Path
-
-from .. import validate
+from .. import configs, validate
+from ..configs import RouterConfig
 from ..crosscompile import CompileSpec
-from ..mode import ON_GPU
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,30 +185,18 @@ def tokens_per_program(E: int) -> int:
     return max(1, min(64, 4096 // next_pow2(E)))
 
 
-TABLES = Path(__file__).resolve().parent.parent / "tables"
-
-
-def launch_table(vendor: str | None = None) -> dict:
-    """{kernel name: [(max_E, BLOCK_T, num_warps), ...]} from ``tables/routing.<vendor>.json`` (written by
-    ``benchmarks/tune_routing.py``); empty where none is committed (then the defaults apply)."""
-    if vendor is None:
-        if not ON_GPU:
-            return {}
-        vendor = "amd" if getattr(torch.version, "hip", None) else "nvidia"
-    path = TABLES / f"routing.{vendor}.json"
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())["table"]
-    return {name: sorted((r["max_E"], r["BLOCK_T"], r["num_warps"]) for r in rows) for name, rows in data.items()}
+# Keyed by the number of experts E (a token's E scores are one tile row); tuned tables:
+# tables/<router>.nvidia.json (benchmarks/tune_routing.py). Without one: tiles of about 4096 scores, 4 warps.
+_DEFAULT = tuple((1 << p, RouterConfig(tokens_per_program(1 << p), 4)) for p in range(1, 12)) + \
+    ((1 << 31, RouterConfig(1, 4)),)
+for _name in ("topk_softmax", "deepseek_v3_route"):
+    configs.register(configs.Op(_name, key="experts E", cpu=_DEFAULT, portable=_DEFAULT, row=RouterConfig))
 
 
 def launch_config(kernel: str, E: int) -> tuple[int, int]:
     """(BLOCK_T tokens per program, num_warps) for a router kernel over E experts."""
-    rows = launch_table().get(kernel, [])
-    for max_e, block_t, warps in rows:
-        if E <= max_e:
-            return block_t, warps
-    return (rows[-1][1], rows[-1][2]) if rows else (tokens_per_program(E), 4)
+    cfg = configs.choose(kernel, E)
+    return cfg.BLOCK_T, cfg.num_warps
 
 
 def check_logits(logits) -> None:
@@ -287,11 +272,11 @@ def _router_launches(shape, vendor: str, M: int) -> list:
     defaults where none): [(label, launch)] (topk_softmax with and without renormalisation)."""
     from ..crosscompile import capture_launches
 
-    global launch_table
     E, k = shape.experts, shape.top_k
     logits = torch.empty(M, E, dtype=torch.float16, device="meta")
-    real_table, launch_table = launch_table, (lambda v=None: real_table(vendor))  # as on that vendor's GPU
-    try:
+    from ..target import simulate
+
+    with simulate("sm_90" if vendor == "nvidia" else "gfx942"):   # as on that vendor's GPU
         with capture_launches(topk_softmax_kernel, deepseek_v3_route_kernel) as launches:
             if shape.router == "deepseek_v3":
                 bias = torch.empty(E, dtype=torch.float32, device="meta")
@@ -301,8 +286,6 @@ def _router_launches(shape, vendor: str, M: int) -> list:
                 for renormalize in (True, False):
                     topk_softmax(logits, k, renormalize)
                 labels = [", renormalize=True", ", renormalize=False"]
-    finally:
-        launch_table = real_table
     return list(zip(labels, launches))
 
 
