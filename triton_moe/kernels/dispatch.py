@@ -28,6 +28,7 @@ from .. import validate
 from ..crosscompile import CompileSpec
 from ..target import current as current_target
 from ..reference import dispatch_sizes
+from .routing import next_pow2
 
 
 @triton.jit
@@ -118,10 +119,6 @@ def dispatch_scatter_kernel(topk_ids_ptr, chunk_counts_ptr, expert_bounds_ptr, s
         next_row += tl.sum(onehot, axis=0)
     # STUB: pass
     ### END SOLUTION
-
-
-def next_pow2(n: int) -> int:
-    return max(2, triton.next_power_of_2(int(n)))
 
 
 def dispatch_launch_params(num_slots: int, num_experts: int, block_m: int, for_gpu: bool | None = None) -> dict:

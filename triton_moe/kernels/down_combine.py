@@ -16,14 +16,11 @@ token together. Two ways to add them (both measured in ``benchmarks/ch05_fused_m
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import validate
-from ..configs import KernelConfig
 from ..crosscompile import DIV16, CompileSpec
 from ..mode import check_interpreter_dtype
 from .grouped_gemm import grouped_launch_order
@@ -196,7 +193,3 @@ def compile_specs() -> list[CompileSpec]:
             specs.append(CompileSpec(f"moe_sum[TOP_K={rows},BLOCK_N={SUM_BLOCK_N}] {dt}", moe_sum_kernel, sig, const,
                                      4, 1, attrs={p: DIV16 for p in ("src_ptr", "out_ptr", "N", "stride_sm", "stride_om")}))
     return specs
-
-
-def config_without_split(cfg: KernelConfig) -> KernelConfig:
-    return dataclasses.replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "SPLIT_K"})

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import configs, validate
+from ..reference import route_reference, stable_topk
 from ..configs import RouterConfig
 from ..crosscompile import CompileSpec
 
@@ -29,19 +30,7 @@ from ..crosscompile import CompileSpec
 # float64 references
 
 
-def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest along the last dim; equal scores: lower index first."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-
-
-def topk_softmax_reference(logits: torch.Tensor, top_k: int, renormalize: bool = True):
-    """Mixtral / Qwen3 routing in float64: softmax, top-k (ties to the lower index), optional renormalise."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    ids = _stable_topk(probs, top_k)
-    weights = probs.gather(-1, ids)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+topk_softmax_reference = route_reference   # Mixtral / Qwen3 routing in float64 (one copy, in reference.py)
 
 
 def deepseek_v3_route_reference(logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, n_group: int,
@@ -51,10 +40,10 @@ def deepseek_v3_route_reference(logits: torch.Tensor, correction_bias: torch.Ten
     scores = torch.sigmoid(logits.double())
     choice = scores + correction_bias.double().to(scores.device)[None, :]
     group_scores = choice.view(M, n_group, E // n_group).topk(2, dim=-1).values.sum(dim=-1)   # [M, n_group]
-    groups = _stable_topk(group_scores, topk_group)
+    groups = stable_topk(group_scores, topk_group)
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
     expert_mask = group_mask.repeat_interleave(E // n_group, dim=1)
-    ids = _stable_topk(choice.masked_fill(~expert_mask, float("-inf")), top_k)
+    ids = stable_topk(choice.masked_fill(~expert_mask, float("-inf")), top_k)
     weights = scores.gather(1, ids)
     weights = weights / weights.sum(dim=-1, keepdim=True) * routed_scaling_factor
     return weights, ids
