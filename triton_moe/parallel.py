@@ -61,7 +61,7 @@ from . import validate
 from .kernels.fused_moe import fused_experts, route
 
 __all__ = ["ExpertParallelMoE", "send_plan", "receive_ids", "combine", "run_local_experts", "all_to_all_lists",
-           "simulate_expert_parallel", "experts_per_rank"]
+           "simulate_expert_parallel", "experts_per_rank", "world_and_rank"]
 
 
 def experts_per_rank(num_experts: int, world_size: int) -> int:
@@ -148,16 +148,20 @@ def all_to_all_lists(sends: list, splits: list) -> list:
     destination, ``splits[r][d]`` how many go to rank d. Returns ``recv`` with ``recv[d]`` = rank 0's chunk for
     d, then rank 1's, ... (the order inside each chunk is kept)."""
     W = len(sends)
+    ### BEGIN SOLUTION
+    # HINT: cut each sender's rows into its W chunks: torch.split(sends[r], [int(n) for n in splits[r]])
+    # HINT: receiver d gets chunk d of every sender r, in sender order (torch.cat of the chunks[r][d])
     chunks = [torch.split(sends[r], [int(n) for n in splits[r]]) for r in range(W)]
     return [torch.cat([chunks[r][d] for r in range(W)]) for d in range(W)]
+    ### END SOLUTION
 
 
 def simulate_expert_parallel(xs: list, topk_weights: list, topk_ids: list, w1: torch.Tensor, w3: torch.Tensor,
-                             w2: torch.Tensor, plan=send_plan, combine_fn=combine) -> list:
+                             w2: torch.Tensor, plan=send_plan, combine_fn=combine, exchange=all_to_all_lists) -> list:
     """The exact-size forward of :class:`ExpertParallelMoE` for ``W = len(xs)`` ranks simulated in one process
     (``xs[r]``, ``topk_weights[r]``, ``topk_ids[r]``: rank r's tokens and routing; ``w1, w3, w2`` all E
-    experts, rank r holding the range ``r * E_local ...``). Returns each rank's [M_r, H] output. ``plan`` and
-    ``combine_fn`` default to this module's steps (the chapter's exercises replace them)."""
+    experts, rank r holding the range ``r * E_local ...``). Returns each rank's [M_r, H] output. ``plan``,
+    ``combine_fn`` and ``exchange`` default to this module's steps (the chapter's exercises replace them)."""
     W = len(xs)
     E = w1.shape[0]
     E_local = experts_per_rank(E, W)
@@ -166,14 +170,14 @@ def simulate_expert_parallel(xs: list, topk_weights: list, topk_ids: list, w1: t
     counts = [c for _, c in plans]
     recv_counts = [torch.stack([counts[s][d] for s in range(W)]) for d in range(W)]   # the counts exchange
     send_splits = [c.sum(1).tolist() for c in counts]
-    recv_x = all_to_all_lists([xs[r][order // k] for r, (order, _) in enumerate(plans)], send_splits)
+    recv_x = exchange([xs[r][order // k] for r, (order, _) in enumerate(plans)], send_splits)
     ys = []
     for d in range(W):
         ids = receive_ids(recv_counts[d], recv_x[d].shape[0])
         lo = d * E_local
         ys.append(run_local_experts(recv_x[d], ids, w1[lo:lo + E_local], w3[lo:lo + E_local], w2[lo:lo + E_local]))
     recv_splits = [rc.sum(1).tolist() for rc in recv_counts]
-    back = all_to_all_lists(ys, recv_splits)      # the same exchange with the splits swapped
+    back = exchange(ys, recv_splits)      # the same exchange with the splits swapped
     return [combine_fn(back[r], plans[r][0], topk_weights[r]) for r in range(W)]
 
 
@@ -214,7 +218,7 @@ class ExpertParallelMoE(nn.Module):
         if not isinstance(deterministic, bool):
             raise ValueError(f"deterministic must be a bool, got {type(deterministic).__name__}")
         self.group = group
-        self.world_size, self.rank = _world(group)
+        self.world_size, self.rank = world_and_rank(group)
         self.w1 = nn.Parameter(w1, requires_grad=False)
         self.w3 = nn.Parameter(w3, requires_grad=False)
         self.w2 = nn.Parameter(w2, requires_grad=False)
@@ -228,7 +232,7 @@ class ExpertParallelMoE(nn.Module):
     def shard(cls, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *, group=None, **kwargs):
         """This rank's contiguous range of the full ``[E, ...]`` weights (copied, contiguous)."""
         validate.tensor("w1", w1, ndim=3, dtypes=validate.FLOAT_DTYPES)
-        W, rank = _world(group)
+        W, rank = world_and_rank(group)
         E_local = experts_per_rank(w1.shape[0], W)
         part = lambda w: w[rank * E_local:(rank + 1) * E_local].contiguous()  # noqa: E731
         return cls(part(w1), part(w3), part(w2), group=group, **kwargs)
@@ -319,7 +323,8 @@ class ExpertParallelMoE(nn.Module):
                 f"ffn={F}, capacity={self.capacity}, dtype={self.w1.dtype}")
 
 
-def _world(group) -> tuple[int, int]:
+def world_and_rank(group=None) -> tuple[int, int]:
+    """(world size, rank) of ``group``; (1, 0) when no process group is initialised."""
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("group given but torch.distributed is not initialised")
