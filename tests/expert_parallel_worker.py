@@ -18,6 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+os.environ["NCCL_NVLS_ENABLE"] = "0"                 # NVLink multicast stays off (the device README says why)
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 

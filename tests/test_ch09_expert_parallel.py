@@ -51,3 +51,22 @@ def test_bug_is_rejected(name):
     key, replace, expect = BUGS[name]
     r = check(key, planted_ns("09", *replace))
     assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+def test_module_cells_show_the_package_source():
+    """Until `sync` rewrites cells marked {"triton_moe": {"from": ..., "show": [...]}}, they are written by hand:
+    each shown symbol's source must appear in its cell verbatim (one source: the package module)."""
+    import importlib
+    import inspect
+
+    import nbformat
+
+    from notebook_helpers import notebook
+
+    cells = [c for c in nbformat.read(notebook("solutions", "09"), as_version=4).cells
+             if c.cell_type == "code" and "triton_moe" in c.metadata]
+    assert len(cells) == 4
+    for c in cells:
+        mod = importlib.import_module(c.metadata["triton_moe"]["from"])
+        for name in c.metadata["triton_moe"]["show"]:
+            assert inspect.getsource(getattr(mod, name)).rstrip("\n") in c.source, name
