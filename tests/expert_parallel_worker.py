@@ -27,7 +27,8 @@ import torch.distributed as dist  # noqa: E402
 
 import triton_moe  # noqa: E402,F401  (mode first)
 from triton_moe.checking import relative_error  # noqa: E402
-from triton_moe.parallel import ExpertParallelMoE, experts_per_rank, send_plan  # noqa: E402
+from triton_moe import fused_experts  # noqa: E402
+from triton_moe.parallel import ExpertParallelMoE, combine, experts_per_rank, send_plan  # noqa: E402
 from triton_moe.kernels.routing import deepseek_v3_route_reference  # noqa: E402
 from triton_moe.reference import make_problem, moe_reference  # noqa: E402
 from triton_moe.shapes import MoEShape  # noqa: E402
@@ -75,6 +76,10 @@ def run_case(case: str, W: int, rank: int, dtype, dev, seed: int) -> dict:
     x, w, t = p.x[lo:hi].contiguous(), weights[lo:hi].contiguous(), ids[lo:hi].contiguous()
     if "router" in case:   # softmax top-k on each rank's own logits (chapter 2's kernel), then the layer
         out = ep.moe(x, p.logits[lo:hi].contiguous(), shape.top_k)
+    elif W == 1:           # the forward is fused_experts itself there: run the exchange path's phases instead
+        assert torch.equal(ep(x, w, t), fused_experts(x, w, t, p.w1, p.w3, p.w2))
+        ex = ep.dispatch(x, t)
+        out = combine(ep.send_back(ex, ep.experts(ex)), ex.order, w)
     else:
         out = ep(x, w, t)
     keep_w = weights.clone()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checking import CheckFailure, compare, compare_exact, exercise, expect_tensor, ranges, relative_error, tolerance
+from ..checking import CheckFailure, compare, exercise, expect_tensor, ranges, relative_error, tolerance
 from ..mode import default_dtype, device
 from .common import diagnose_combine
 
