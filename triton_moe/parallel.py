@@ -89,10 +89,9 @@ def send_plan(topk_ids: torch.Tensor, num_experts: int, world_size: int):
     No host synchronisation (``torch.bincount`` would have one on a GPU: it reads the largest id to size its
     output)."""
     ### BEGIN SOLUTION
-    # HINT: flat = topk_ids.reshape(-1).long(); order = torch.sort(flat, stable=True).indices
-    # HINT: counts per global expert without bincount (it synchronises on a GPU):
-    # HINT: torch.zeros(num_experts, dtype=torch.long, device=...).index_add_(0, flat, torch.ones_like(flat)),
-    # HINT: then .view(world_size, num_experts // world_size): row d = what rank d receives from us
+    # HINT: flatten the choices to slots; sorting the slots by their global expert id (stable) groups them by
+    # HINT: destination rank, then by local expert. Count slots per global expert without torch.bincount (it
+    # HINT: synchronises on a GPU): index_add_ ones into zeros; then view the counts as [world_size, E_local]
     flat = topk_ids.reshape(-1).long()
     order = torch.sort(flat, stable=True).indices
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
@@ -130,9 +129,9 @@ def combine(returned: torch.Tensor, order: torch.Tensor, topk_weights: torch.Ten
     M, k = topk_weights.shape
     H = returned.shape[1]
     ### BEGIN SOLUTION
-    # HINT: row i belongs to slot order[i]: scatter them back, y = torch.empty_like(returned).index_copy_(0, order, returned)
-    # HINT: then weight and add each token's k rows in float32: y.view(M, k, H).float() * topk_weights.float()[:, :, None],
-    # HINT: summed over dim 1 (use H, not -1, in the view: with M = 0 the -1 cannot be inferred)
+    # HINT: row i of returned belongs to slot order[i]: scatter the rows back to slot order (index_copy_), not gather;
+    # HINT: then weight each slot's row by its routing weight, once, and add each token's k rows in float32
+    # HINT: (with M = 0 a view(..., -1) cannot infer its size: use H)
     y = torch.empty_like(returned).index_copy_(0, order, returned)
     out = (y.view(M, k, H).float() * topk_weights.float()[:, :, None]).sum(dim=1)
     ### END SOLUTION
@@ -149,8 +148,8 @@ def all_to_all_lists(sends: list, splits: list) -> list:
     d, then rank 1's, ... (the order inside each chunk is kept)."""
     W = len(sends)
     ### BEGIN SOLUTION
-    # HINT: cut each sender's rows into its W chunks: torch.split(sends[r], [int(n) for n in splits[r]])
-    # HINT: receiver d gets chunk d of every sender r, in sender order (torch.cat of the chunks[r][d])
+    # HINT: cut each sender's rows into its W chunks with torch.split and that sender's split sizes;
+    # HINT: receiver d gets chunk d of EVERY sender, in sender order 0, 1, ..., W - 1 (torch.cat)
     chunks = [torch.split(sends[r], [int(n) for n in splits[r]]) for r in range(W)]
     return [torch.cat([chunks[r][d] for r in range(W)]) for d in range(W)]
     ### END SOLUTION

@@ -46,8 +46,7 @@ def _call(fn, what, r, M, *args):
 
 
 @exercise("09", "all_to_all_lists", points=1,
-          hint="recv[d] = torch.cat of chunk d of every sender r = 0, 1, ..., W-1, each sender's rows cut with "
-               "torch.split(sends[r], splits[r])")
+          hint="receiver d gets chunk d of every sender, in sender order; split each sender's rows by its split sizes")
 def check_all_to_all_lists(fn, seed):
     gen = torch.Generator().manual_seed(seed)
     done = []
@@ -91,8 +90,8 @@ def check_all_to_all_lists(fn, seed):
 
 
 @exercise("09", "send_plan", points=2,
-          hint="order = torch.sort(flat_ids, stable=True).indices; counts per global expert with index_add_ (no "
-               "bincount: it synchronises on a GPU), viewed as [world_size, num_experts // world_size]")
+          hint="sort the slots by global expert (stable); count slots per global expert without bincount (it "
+               "synchronises on a GPU) and view the counts as [world_size, num_experts // world_size]")
 def check_send_plan(fn, seed):
     dev = device()
     gen = torch.Generator().manual_seed(seed)
@@ -147,8 +146,8 @@ def check_send_plan(fn, seed):
 
 
 @exercise("09", "combine", points=2,
-          hint="scatter: y = torch.empty_like(returned).index_copy_(0, order, returned); then "
-               "(y.view(M, k, H).float() * topk_weights.float()[:, :, None]).sum(1), cast to returned's dtype")
+          hint="scatter the rows back to slot order (row i is slot order[i]), weight each once, sum each token's k "
+               "rows in float32, cast to returned's dtype")
 def check_combine(fn, seed):
     dev = device()
     dtype = default_dtype()
