@@ -19,7 +19,7 @@ waits for it). Rows (``impl``):
 - ``EP W=w return``: the reverse all-to-all; ``EP W=w combine``: the weighted sum (local);
 - ``EP W=w exchange``: dispatch + return per iteration; ``EP W=w forward``: all four;
 - ``EP W=w capacity forward`` (and its phases): the static-capacity variant, ``C = M * min(8, E_local)`` rows per
-  rank pair (the worst case: nothing dropped; no host synchronisation), so it moves and computes W * C rows;
+  rank pair (the worst case: nothing dropped; no host synchronisation), so it moves W * C rows per rank;
 - ``single GPU fused_experts (W*M tokens)``: the single-GPU layer on the same W * M tokens, all 256 experts of
   the layer on GPU 0 (timed with CUDA graphs, ``timing.bench_ms``). One layer's routed experts are 22.5 GB in
   bf16 and fit one H200; the whole model's (58 layers, 1.3 TB) would not: that is why one layer is measured.
@@ -45,6 +45,7 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -108,11 +109,12 @@ def init() -> tuple[int, int]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    wait = datetime.timedelta(minutes=30)   # ranks outside a smaller world wait at a barrier meanwhile
     if SMOKE:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=wait)
         return rank, world
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()), timeout=wait)
     return rank, world
 
 

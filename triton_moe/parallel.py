@@ -39,12 +39,13 @@ Collectives: 3 (counts, tokens, results); host synchronisations: 1 (the split si
 sizes in advance. Every (sender, receiver) pair exchanges a buffer of a static capacity ``C`` rows, padded;
 rows past it are dropped (or the capacity is the worst case, so nothing ever is). DeepEP's low-latency kernels
 do that with a static ``num_max_dispatch_tokens_per_rank`` and buffers registered once, writing straight into
-the peer's memory (NVLink / RDMA) with no count exchange at all; vLLM and SGLang use them for decode.
+the peer's memory (NVLink / RDMA) with no separate count exchange; vLLM and SGLang use them for decode.
 ``capacity=C`` here is that variant on top of ``all_to_all_single``: equal splits of ``C`` rows, the local
 ids travel in a fixed ``[W, C]`` int32 exchange (``-1`` in padding: the kernels drop invalid ids), no host
-synchronisation, 4 collectives. Slots past a pair's capacity are dropped (they contribute zero) and counted
-in :attr:`ExpertParallelMoE.dropped` (a device tensor: reading it synchronises, the forward does not).
-``C = M * min(k, E_local)`` never drops. The price: every forward moves and computes ``W * C`` rows per rank.
+synchronisation, 3 collectives (ids, rows, results). Slots past a pair's capacity are dropped (they
+contribute zero) and counted in :attr:`ExpertParallelMoE.dropped` (a device tensor: reading it synchronises,
+the forward does not). ``C = M * min(k, E_local)`` never drops. The price: every forward moves ``W * C`` rows
+per rank, padding included, and sizes the experts' launch for them (padding rows are skipped).
 
 ``W = 1`` is the single-GPU layer exactly (``fused_experts``, no collective). Without an initialised process
 group the module runs as ``W = 1``.
