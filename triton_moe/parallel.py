@@ -237,7 +237,7 @@ class ExpertParallelMoE(nn.Module):
         part = lambda w: w[rank * E_local:(rank + 1) * E_local].contiguous()  # noqa: E731
         return cls(part(w1), part(w3), part(w2), group=group, **kwargs)
 
-    # -- the forward, in three phases (the benchmark times them apart) --
+    # -- the forward in phases: dispatch, experts, send_back, then combine (the benchmark times them apart) --
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor) -> Exchange:
         """Plan, counts exchange (exact mode: the host synchronisation) and token exchange."""
