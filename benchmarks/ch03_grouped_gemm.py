@@ -28,13 +28,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from triton_moe import mode  # noqa: E402
 from triton_moe.kernels.grouped_gemm import moe_forward_grouped  # noqa: E402
 from triton_moe.reference import make_problem, moe_reference  # noqa: E402
 from triton_moe.shapes import BATCH_SIZES, MODELS  # noqa: E402
-from triton_moe.baselines import moe_forward_loop  # noqa: E402
+from triton_moe.baselines import grouped_mm_experts, moe_forward_loop  # noqa: E402
 from triton_moe.timing import bench_ms, make_row, results_path, start_run, write_rows  # noqa: E402
 
 ROTATE = 4
@@ -43,20 +42,7 @@ ROTATE = 4
 loop_forward = moe_forward_loop  # chapter 1's solution
 
 
-def grouped_mm_forward(x, topk_weights, topk_ids, w1t, w3t, w2t):
-    """PyTorch's grouped GEMM: w*t are [E, K, N] views (w.transpose(1, 2) of the stacked [E, N, K])."""
-    M, k = topk_ids.shape
-    E = w1t.shape[0]
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    token = order // k
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    xs = x[token]
-    h = F.silu(torch._grouped_mm(xs, w1t, offs=offs)) * torch._grouped_mm(xs, w3t, offs=offs)
-    y = torch._grouped_mm(h, w2t, offs=offs).float() * topk_weights.reshape(-1)[order, None]
-    return torch.zeros(M, w2t.shape[2], dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)
+grouped_mm_forward = grouped_mm_experts  # PyTorch's grouped GEMM, separate gate and up GEMMs (like ours)
 
 
 def main(argv=None) -> int:

@@ -91,24 +91,10 @@ def loop_forward(x, logits, w1, w3, w2, top_k):
 
 def grouped_mm_forward(x, logits, w13t, w2t, top_k):
     """torch routing + permutation + torch._grouped_mm (w13t: [E, hidden, 2*ffn], w2t: [E, ffn, hidden])."""
-    M, H = x.shape
-    E, _, F2 = w13t.shape
-    probs = torch.softmax(logits.float(), dim=-1)
-    tw, ti = torch.topk(probs, top_k, dim=-1)
-    tw = tw / tw.sum(dim=-1, keepdim=True)
-    flat = ti.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // top_k
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    xs = x[token]
-    gu = torch._grouped_mm(xs, w13t, offs=offs)
-    h = F.silu(gu[:, : F2 // 2]) * gu[:, F2 // 2:]
-    y = torch._grouped_mm(h, w2t, offs=offs)
-    y = y.float() * tw.reshape(-1)[order, None]
-    out = torch.zeros(M, H, dtype=torch.float32, device=x.device).index_add_(0, token, y)
-    return out.to(x.dtype)
+    from triton_moe.baselines import grouped_mm_experts, route_topk
+
+    tw, ti = route_topk(logits, top_k)
+    return grouped_mm_experts(x, tw, ti, w13t, None, w2t)
 
 
 def unfused_forward(x, logits, w1, w3, w2, top_k):

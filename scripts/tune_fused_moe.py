@@ -11,7 +11,8 @@ medians. For each BLOCK_M allowed at that M (no larger than about twice the rows
 the best gate+up config and the best down config, and keeps the BLOCK_M whose sum is smallest. Every timed config's output is compared with a
 torch reference first; a wrong or non-compiling config is never chosen.
 
-Writes ``fused_gate_up.<vendor>.json`` and ``down_combine.<vendor>.json`` (``configs.save_table`` format:
+Writes ``fused_gate_up.<device>.json`` and ``down_combine.<device>.json`` (this GPU's tables, which the config
+chooser takes first on it; ``--family`` writes ``<kernel>.<vendor>.json`` instead; ``configs.save_table`` format:
 ``table`` holds the default rows, Mixtral's; ``shapes`` holds the rows tuned per model shape) and
 ``tune_log.csv`` (every candidate's time) to ``--out`` (default ``$OUT`` or ``results/``);
 ``--write-tables`` also writes the tables into ``triton_moe/tables/``. Keyed by M: the table row for M
@@ -34,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import triton_moe  # noqa: E402,F401
+from triton_moe import configs  # noqa: E402
+from triton_moe.target import current  # noqa: E402
 from triton_moe.configs import KernelConfig  # noqa: E402
 from triton_moe.kernels import fused_gate_up as fgu  # noqa: E402
 from triton_moe.kernels.down_combine import down_combine  # noqa: E402
@@ -43,6 +46,7 @@ from triton_moe.reference import _routing_bias  # noqa: E402
 from triton_moe.shapes import BATCH_SIZES, MODELS  # noqa: E402
 
 C = KernelConfig
+DEVICE_KEY = ""   # the table this run writes: this GPU's (tables/<kernel>.<device>.json) unless --family
 # GROUP_M is 8 everywhere: it only orders the programs (GROUP_M row blocks run each column block together),
 # and with uniform routing at small M every expert has one row block, so timing cannot tell GROUP_M=1 from 8.
 # But a hot expert (skewed routing) gets several row blocks, and with GROUP_M=1 each re-reads its weights
@@ -212,16 +216,20 @@ def main(argv=None) -> int:
     ap.add_argument("--M", default=",".join(map(str, BATCH_SIZES)))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "results")))
     ap.add_argument("--write-tables", action="store_true")
+    ap.add_argument("--family", action="store_true", help="write the vendor family's table (<kernel>.<vendor>.json) "
+                    "instead of this device's (<kernel>.<device>.json)")
     a = ap.parse_args(argv)
+    global DEVICE_KEY
+    DEVICE_KEY = info().vendor if a.family else current().device
     Ms = [int(m) for m in a.M.split(",")]
     log: list = []
     tables = {"fused_gate_up": {}, "down_combine": {}}
     # start from the committed tables: a run stopped at its time limit replaces only the shapes it finished
     for kernel in tables:
-        old = fgu.TABLES / f"{kernel}.{info().vendor}.json"
+        old = configs.table_path(kernel, DEVICE_KEY)
         if old.exists():
             for sk, rows in json.loads(old.read_text()).get("shapes", {}).items():
-                tables[kernel][sk] = fgu._rows_to_table(rows)
+                tables[kernel][sk] = configs.rows_from_json(rows)
     t0 = time.time()
     i = info()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -237,16 +245,16 @@ def main(argv=None) -> int:
                 "runtime": i.runtime_version, "date": time.strftime("%Y-%m-%d"), "dtype": "bfloat16",
                 "method": "triton.testing.do_bench median (L2 flushed), warmup 3 ms, rep 15 ms; score = uniform + "
                           "skewed routing time",
-                "script": "scripts/tune_fused_moe.py", "M": Ms, "seconds": round(time.time() - t0)}
+                "script": "scripts/tune_fused_moe.py", "M": Ms, "target": current().arch, "seconds": round(time.time() - t0)}
         default_key = fgu.shape_key(4096, 14336, 8, 2)
         for kernel, per_shape in tables.items():
             default = per_shape.get(default_key) or next(iter(per_shape.values()))
             doc = {"meta": meta, "table": rows_json(default),
                    "shapes": {k: rows_json(v) for k, v in per_shape.items()}}
             text = json.dumps(doc, indent=1) + "\n"
-            (a.out / f"{kernel}.{i.vendor}.json").write_text(text)
+            (a.out / f"{kernel}.{DEVICE_KEY}.json").write_text(text)
             if a.write_tables:
-                (fgu.TABLES / f"{kernel}.{i.vendor}.json").write_text(text)
+                configs.table_path(kernel, DEVICE_KEY).write_text(text)
         with open(a.out / "tune_log.csv", "w", newline="") as f:
             keys = list(dict.fromkeys(k for r in log for k in r))
             w = csv.DictWriter(f, fieldnames=keys)

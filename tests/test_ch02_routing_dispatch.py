@@ -273,15 +273,15 @@ def test_gpu_routing_and_dispatch_in_a_cuda_graph():
         assert all(torch.equal(g.cpu(), r.cpu()) for g, r in zip(outs[2:], ref))
 
 
-def test_router_launch_table(tmp_path, monkeypatch):
-    """Launch configs come from tables/routing.<vendor>.json when one is committed, else the defaults."""
-    assert routing.launch_config("topk_softmax", 8) == routing.launch_config("topk_softmax", 8)
-    (tmp_path / "routing.nvidia.json").write_text(
-        '{"meta": {}, "table": {"topk_softmax": [{"max_E": 8, "BLOCK_T": 4, "num_warps": 1},'
-        ' {"max_E": 128, "BLOCK_T": 2, "num_warps": 2}]}}')
-    monkeypatch.setattr(routing, "TABLES", tmp_path)
-    t = routing.launch_table("nvidia")
-    assert t["topk_softmax"] == [(8, 4, 1), (128, 2, 2)]
-    assert routing.launch_table("amd") == {}
+def test_router_launch_table(tmp_path):
+    """Launch configs come from tables/<router>.<vendor>.json when one is committed, else the defaults."""
+    from triton_moe import configs
+
+    (tmp_path / "topk_softmax.nvidia.json").write_text(
+        '{"meta": {}, "table": [{"max_E": 8, "BLOCK_T": 4, "num_warps": 1},'
+        ' {"max_E": 128, "BLOCK_T": 2, "num_warps": 2}]}')
+    t = configs.table("topk_softmax", target="sm_90", tables=tmp_path)
+    assert [(m, c.BLOCK_T, c.num_warps) for m, c in t.rows] == [(8, 4, 1), (128, 2, 2)]
+    assert configs.table("topk_softmax", target="gfx942", tables=tmp_path).source == "portable"
     if not ON_GPU:  # the interpreter always uses the defaults
         assert routing.launch_config("topk_softmax", 8) == (routing.tokens_per_program(8), 4)

@@ -318,22 +318,22 @@ def _specs(*modules, targets=None):
 
 
 def test_simulate_makes_the_wrappers_choose_as_each_gpu():
-    """Inside simulate(target) the host code sees that GPU (mode, vendor, target, capability) and picks its
-    tables; outside it, nothing changed (the CPU interpreter's choices, caches cleared)."""
-    from triton_moe import mode, vendor
-    from triton_moe.kernels import fused_gate_up as fgu, grouped_gemm as gg, routing
+    """Inside simulate(target) the host code sees that GPU (triton_moe.target, mode) and picks its tables;
+    a device with its own tables is simulated with them; outside, nothing changed."""
+    from triton_moe import configs, mode, target
+    from triton_moe.kernels import grouped_gemm as gg
 
-    before = (mode.ON_GPU, gg.config_table(), fgu.vendor(), vendor.detect_vendor())
+    before = (mode.ON_GPU, target.current(), gg.config_table())
     with cc.simulate("sm_80"):
-        assert mode.ON_GPU and gg.config_table() is gg.DEFAULT_GPU_TABLE and fgu.vendor() == "nvidia"
-        assert not fgu.hopper_or_newer() and vendor.current_target() == "sm_80"
-    with cc.simulate("sm_90"):
-        assert gg.config_table() == gg.gpu_table_for("sm_90") and fgu.hopper_or_newer()
+        assert mode.ON_GPU and target.current().arch == "sm_80" and gg.config_table() == gg.DEFAULT_GPU_TABLE
     with cc.simulate("gfx942"):
-        assert fgu.vendor() == "amd" and vendor.detect_vendor() == "amd" and routing.launch_table() == routing.launch_table("amd")
-    with cc.simulate(cc.Machine("sm_90", "NVIDIA H100 80GB HBM3", "tiled_matmul")):
-        assert vendor.device_name() == "NVIDIA H100 80GB HBM3"
-    assert (mode.ON_GPU, gg.config_table(), fgu.vendor(), vendor.detect_vendor()) == before
+        assert target.current().vendor == "amd"
+        assert configs.choose("fused_gate_up", 64) == configs.choose("fused_gate_up", 64, target="gfx942")
+    h200 = [m for m in cc.machines() if m.device == "NVIDIA H200"]
+    assert h200 and set(h200[0].kernels) == {"fused_gate_up", "down_combine"} and h200[0].target == "sm_90"
+    with cc.simulate(h200[0]):
+        assert target.current().device == "nvidia-h200"
+    assert (mode.ON_GPU, target.current(), gg.config_table()) == before
 
 
 def test_course_specs_are_real_launches_of_gpu_tables():
@@ -345,6 +345,7 @@ def test_course_specs_are_real_launches_of_gpu_tables():
     cpu = {(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.num_warps, c.num_stages) for _, c in gg.CPU_TABLE}
     gemms = [s for s in specs if s.fn is gg.grouped_gemm_kernel]
     tuned = {(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps) for _, c in gg.gpu_table_for("sm_90")}
+    assert gg.gpu_table_for("sm_80") == gg.DEFAULT_GPU_TABLE == gg.gpu_table_for("gfx942")
     portable = {(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps) for _, c in gg.DEFAULT_GPU_TABLE}
     for s in gemms:
         assert all(s.constexprs[k] == 1 for k in ("stride_ak", "stride_wk", "stride_on")), s.name
@@ -358,9 +359,10 @@ def test_course_specs_are_real_launches_of_gpu_tables():
             for s in gemms if "sm_90" in s.targets} == tuned
     rs = _specs("routing")
     ds_nv = [s for s in rs if s.fn is routing.deepseek_v3_route_kernel and "sm_90" in s.targets]
-    table = routing.launch_table("nvidia").get("deepseek_v3_route")
-    if table:
-        assert {(s.constexprs["BLOCK_T"], s.num_warps) for s in ds_nv} == {table[0][1:]}
+    from triton_moe import configs
+
+    cfg = configs.choose("deepseek_v3_route", 256, target="sm_90")
+    assert {(s.constexprs["BLOCK_T"], s.num_warps) for s in ds_nv} == {(cfg.BLOCK_T, cfg.num_warps)}
     assert any(s.signature["M"] == "constexpr" for s in rs) and any(s.signature["M"] == "i32" for s in rs)
     for s in _specs("dispatch"):
         if "SUB" in s.constexprs:  # GPU tiles: a [SUB, E_P2] one-hot of at most 8K values

@@ -8,7 +8,7 @@ from torch import nn
 
 import triton_moe  # noqa: F401
 from triton_moe.checking import relative_error, tolerance
-from triton_moe.kernels.fused_moe import (SMALL_SLOTS, FusedMoEBlock, _dispatch_torch, dispatch, fused_experts,
+from triton_moe.kernels.fused_moe import (SMALL_SLOTS, FusedMoEBlock, dispatch, fused_experts,
                                          fused_moe, route, route_dispatch, small_path)
 from triton_moe.mode import ON_GPU
 from triton_moe.reference import make_problem, moe_reference, sorted_dispatch_reference
@@ -154,16 +154,6 @@ def test_small_path_bounds():
     assert not small_path(1, 512, 8)
     with pytest.raises(ValueError, match="route_dispatch serves"):
         route_dispatch(torch.randn(64, 8, device=DEV), 2, True, 16)
-
-
-@pytest.mark.parametrize("tokens,routing", [(1, "uniform"), (23, "empty"), (40, "skewed")])
-def test_torch_dispatch_matches_contract(tokens, routing):
-    p = make_problem(MODELS["qwen3"].scaled(64, 64, 16, 4), tokens, torch.float32, "cpu", seed=tokens, routing=routing)
-    for block_m in (16, 64):
-        got = _dispatch_torch(p.topk_ids, 16, block_m)
-        ref = sorted_dispatch_reference(p.topk_ids, 16, block_m)
-        for g, r in zip(got, ref):
-            assert torch.equal(g.cpu(), r.cpu())
 
 
 # --------------------------------------------------------------------------------------------------

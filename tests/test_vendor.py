@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import triton_moe  # noqa: F401
-from triton_moe import mode, timing, vendor
+from triton_moe import configs, mode, target, timing, vendor
 from triton_moe.configs import KernelConfig, save_table
 from triton_moe.kernels import portability_demo as demo
 from triton_moe.reference import new_seed
@@ -16,30 +16,54 @@ from triton_moe.reference import new_seed
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class _NoDriver:
+    """Triton's driver on a machine without a GPU: asking for the target fails, so detection falls back on
+    what torch says (as on a ROCm or CUDA build of PyTorch with no driver loaded)."""
+
+    @property
+    def active(self):
+        raise RuntimeError("0 active drivers")
+
+
 @pytest.fixture
 def rocm(monkeypatch):
     """This process as ROCm PyTorch on an MI300X would see it: GPU mode, torch.version.hip set, the device
     still called 'cuda'."""
+    import triton
+
+    class Props:
+        gcnArchName = "gfx942:sramecc+:xnack-"
+
     monkeypatch.setattr(mode, "ON_GPU", True)
     monkeypatch.setattr(mode, "MODE", "gpu")
     monkeypatch.setattr(torch.version, "hip", "6.2.41133-dd7f95766", raising=False)
     monkeypatch.setattr(torch.version, "cuda", None, raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "AMD Instinct MI300X")
-    vendor.clear_cache()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: Props())
+    monkeypatch.setattr(triton.runtime, "driver", _NoDriver())
+    target._detect.cache_clear()
+    configs.clear_cache()
     yield
-    vendor.clear_cache()
+    target._detect.cache_clear()
+    configs.clear_cache()
 
 
 @pytest.fixture
 def cuda(monkeypatch):
+    import triton
+
     monkeypatch.setattr(mode, "ON_GPU", True)
     monkeypatch.setattr(mode, "MODE", "gpu")
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
     monkeypatch.setattr(torch.version, "cuda", "13.0", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    vendor.clear_cache()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # rocm-ok: simulated CUDA
+    monkeypatch.setattr(triton.runtime, "driver", _NoDriver())
+    target._detect.cache_clear()
+    configs.clear_cache()
     yield
-    vendor.clear_cache()
+    target._detect.cache_clear()
+    configs.clear_cache()
 
 
 def test_mode_info_under_rocm(rocm):
@@ -47,6 +71,7 @@ def test_mode_info_under_rocm(rocm):
     assert (i.mode, i.device, i.vendor, i.device_name) == ("gpu", "cuda", "amd", "AMD Instinct MI300X")
     assert i.runtime_version == "hip 6.2.41133-dd7f95766" and i.dtype_name == "bfloat16"
     assert mode.device() == "cuda" and mode.default_dtype() == torch.bfloat16
+    assert target.current() == target.Target("amd", "gfx942", "amd-instinct-mi300x")
     assert vendor.detect_vendor() == "amd"
     # Results of an AMD run land next to NVIDIA's, in the same format, under the AMD device's name.
     assert timing.results_path("ch06_tiled_matmul") == ROOT / "results/amd-instinct-mi300x/ch06_tiled_matmul.csv"
@@ -55,88 +80,89 @@ def test_mode_info_under_rocm(rocm):
 
 def test_mode_info_under_cuda(cuda):
     assert mode.info().vendor == "nvidia" and mode.info().runtime_version == "cuda 13.0"
+    assert target.current() == target.Target("nvidia", "sm_90", "nvidia-h100-80gb-hbm3")
     assert vendor.detect_vendor() == "nvidia"
 
 
 def test_cpu_mode():
     if mode.ON_GPU:
         pytest.skip("CPU-mode test")
-    assert vendor.detect_vendor() == "cpu" and vendor.device_name() == "cpu" and vendor.current_target() == ""
+    assert vendor.detect_vendor() == "cpu" and vendor.current_target() == ""
     assert vendor.load_vendor_table(demo.KERNEL).source == "tiled_matmul.cpu.json"
 
 
 def test_rocm_with_an_empty_device_name_uses_the_architecture(rocm, monkeypatch):
-    class Props:
-        gcnArchName = "gfx942:sramecc+:xnack-"
-
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: Props())
-    assert vendor.device_name() == "gfx942:sramecc+:xnack-"
+    target._detect.cache_clear()
+    assert target.current().device == "gfx942-sramecc-xnack"
 
 
 def test_vendor_tables_are_picked_at_run_time(rocm, monkeypatch):
     amd = vendor.load_vendor_table(demo.KERNEL)
-    assert amd.source == "tiled_matmul.amd.json" and amd.vendor == "amd" and not amd.adapted
+    assert amd.source == "tiled_matmul.amd.json" and not amd.adapted
     big = vendor.pick_config(demo.KERNEL, 4096)
     assert big.num_stages <= 2 and big.meta()["waves_per_eu"] == 2 and big.meta()["matrix_instr_nonkdim"] == 16
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    vendor.clear_cache()
-    nv = vendor.pick_config(demo.KERNEL, 4096)
-    assert not set(nv.meta()) & set(vendor.AMD_ONLY_OPTIONS), "AMD options would make an NVIDIA launch fail"
+    with target.simulate("sm_90"):
+        nv = vendor.pick_config(demo.KERNEL, 4096)
+    assert not set(nv.meta()) & set(configs.AMD_ONLY_OPTIONS), "AMD options would make an NVIDIA launch fail"
 
 
 def _write(tmp, name, table, meta=None):
     save_table(table, tmp / f"tiled_matmul.{name}.json", meta)
 
 
-def test_device_table_first_then_vendor_table(tmp_path):
+MI300X = target.Target("amd", "gfx942", "amd-instinct-mi300x")
+
+
+def test_device_table_first_then_vendor_table(tmp_path, monkeypatch):
     _write(tmp_path, "amd", [(1 << 30, KernelConfig(64, 64, 64, 8, 4, 2))])
     _write(tmp_path, "amd-instinct-mi300x", [(1 << 30, KernelConfig(128, 128, 64, 8, 4, 2))], {"vendor": "amd"})
-    t = vendor.load_vendor_table("tiled_matmul", "amd", "AMD Instinct MI300X", tables=tmp_path)
-    assert t.source == "tiled_matmul.amd-instinct-mi300x.json" and t.table[0][1].BLOCK_M == 128
-    t = vendor.load_vendor_table("tiled_matmul", "amd", "AMD Instinct MI250X", tables=tmp_path)
+    t = configs.table("tiled_matmul", target=MI300X, tables=tmp_path)
+    assert t.source == "tiled_matmul.amd-instinct-mi300x.json" and t.rows[0][1].BLOCK_M == 128
+    t = configs.table("tiled_matmul", target=target.Target("amd", "gfx90a", "amd-instinct-mi250x"), tables=tmp_path)
     assert t.source == "tiled_matmul.amd.json"
     # The cross-compile check covers the device table too: on its own target when the tuning run wrote it,
     # else on its vendor's targets.
     _write(tmp_path, "nvidia-h100-80gb-hbm3", [(1 << 30, KernelConfig(64, 64, 64, 8, 4, 4))],
            {"vendor": "nvidia", "target": "sm_90"})
-    got = {(label, v, t) for label, v, t, _ in vendor.vendor_tables("tiled_matmul", tables=tmp_path)}
+    monkeypatch.setattr(configs, "TABLES", tmp_path)
+    got = {(label, v, t) for label, v, t, _ in vendor.vendor_tables("tiled_matmul")}
     assert got == {("nvidia", "nvidia", ("sm_90", "sm_80")), ("amd", "amd", ("gfx942", "gfx90a")),
                    ("amd-instinct-mi300x", "amd", ("gfx942", "gfx90a")), ("nvidia-h100-80gb-hbm3", "nvidia", ("sm_90",))}
 
 
 def test_fallback_adapts_the_nvidia_table_for_amd(tmp_path):
     _write(tmp_path, "nvidia", [(64, KernelConfig(64, 128, 64, 8, 4, 4)), (1 << 30, KernelConfig(128, 256, 128, 8, 8, 4))])
-    t = vendor.load_vendor_table("tiled_matmul", "amd", tables=tmp_path)
+    t = configs.table("tiled_matmul", target="gfx942", tables=tmp_path)
     assert t.adapted and t.source == "adapted from tiled_matmul.nvidia.json"
-    for _, c in t.table:
-        assert c.num_stages <= 2 and vendor.shared_bytes_estimate(c) <= vendor.AMD_LDS_BYTES
-    assert (t.table[1][1].BLOCK_M, t.table[1][1].BLOCK_N) == (128, 256)  # K shrinks first
+    for _, c in t.rows:
+        assert c.num_stages <= 2 and vendor.shared_bytes_estimate(c) <= configs.AMD_LDS_BYTES
+    assert (t.rows[1][1].BLOCK_M, t.rows[1][1].BLOCK_N) == (128, 256)  # K shrinks first
 
 
-def test_fallback_drops_amd_options_for_nvidia_and_cpu(tmp_path):
-    _write(tmp_path, "amd", [(1 << 30, KernelConfig(64, 64, 64, 8, 4, 2, {"waves_per_eu": 2, "kpack": 2}))])
-    for v in ("nvidia", "cpu"):
-        t = vendor.load_vendor_table("tiled_matmul", v, tables=tmp_path)
-        assert t.adapted and t.table[0][1].extra == {}
+def test_one_chooser_for_every_op(tmp_path):
+    """Every op states what its key means; the portable table serves a target nobody tuned; an older NVIDIA
+    GPU skips a family table tuned on Hopper; unknown ops and targets are refused with a clear error."""
+    import triton_moe.kernels.fused_moe  # noqa: F401  (registers every op of the course)
 
-
-def test_default_and_missing_tables(tmp_path):
-    default = [(1 << 30, KernelConfig(64, 64, 32, 8, 4, 3))]
-    t = vendor.load_vendor_table("nothing", "amd", default=default, tables=tmp_path)
-    assert t.source == "default" and t.table[0][1].num_stages == 2
-    with pytest.raises(FileNotFoundError, match="nothing.amd.json"):
-        vendor.load_vendor_table("nothing", "amd", tables=tmp_path)
-    with pytest.raises(ValueError, match="vendor"):
-        vendor.load_vendor_table("tiled_matmul", "intel")
+    for name, op in configs.OPS.items():
+        assert op.key and op.cpu and op.portable, name
+        assert configs.table(name, target="cpu", tables=tmp_path).source == "cpu"
+        assert configs.table(name, target="gfx90a", tables=tmp_path).source == "portable"
+    save_table([(1 << 30, KernelConfig(128, 256, 64, 8, 8, 3))], tmp_path / "grouped_gemm.nvidia.json")
+    assert configs.table("grouped_gemm", target="sm_90", tables=tmp_path).source == "grouped_gemm.nvidia.json"
+    assert configs.table("grouped_gemm", target="sm_80", tables=tmp_path).source == "portable"
+    with pytest.raises(ValueError, match="unknown op"):
+        configs.choose("nothing", 1)
+    with pytest.raises(ValueError, match="target"):
+        configs.choose("grouped_gemm", 1, target="intel")
 
 
 def test_committed_tables_fit_their_vendor():
     for path in sorted((ROOT / "triton_moe/tables").glob("tiled_matmul.*.json")):
         meta = json.loads(path.read_text())["meta"]
         assert meta.get("source"), f"{path.name}: say where the table came from"
-    amd = vendor.load_vendor_table(demo.KERNEL, "amd").table
+    amd = vendor.load_vendor_table(demo.KERNEL, "amd").rows
     assert all(c.num_stages <= 2 for _, c in amd)
 
 

@@ -25,3 +25,27 @@ def moe_forward_loop(x, topk_weights, topk_ids, w1, w3, w2):
         y = (F.silu(h @ w1[e].T) * (h @ w3[e].T)) @ w2[e].T
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None])
     return out.to(x.dtype)
+
+
+def grouped_mm_experts(x, topk_weights, topk_ids, w1t, w3t, w2t):
+    """PyTorch's own grouped GEMM (``torch._grouped_mm``), the baseline of chapters 3 and 5: stable argsort of
+    the slots by expert, gather the rows, gate and up GEMMs, SwiGLU, down GEMM, routing weight, ``index_add_``.
+
+    ``w1t, w3t, w2t``: ``[E, K, N]`` views (``w.transpose(1, 2)`` of the stacked ``[E, N, K]`` weights). With
+    ``w3t=None``, ``w1t`` is the concatenated ``[E, hidden, 2 * ffn]`` (gate columns, then up): one GEMM."""
+    M, k = topk_ids.shape
+    E = w1t.shape[0]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)              # slots grouped by expert, slot order inside
+    token = order // k
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    xs = x[token]
+    if w3t is None:
+        gu = torch._grouped_mm(xs, w1t, offs=offs)
+        h = F.silu(gu[:, : gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:]
+    else:
+        h = F.silu(torch._grouped_mm(xs, w1t, offs=offs)) * torch._grouped_mm(xs, w3t, offs=offs)
+    y = torch._grouped_mm(h, w2t, offs=offs).float() * topk_weights.reshape(-1)[order, None]
+    return torch.zeros(M, w2t.shape[2], dtype=torch.float32, device=x.device).index_add_(0, token, y).to(x.dtype)

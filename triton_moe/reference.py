@@ -48,11 +48,18 @@ def new_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
 
 
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim, largest first; equal scores: the LOWER index first (the
+    tie rule of every router in the course)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def route_reference(logits: torch.Tensor, top_k: int, renormalize: bool = True):
-    """Mixtral routing in float64: softmax over experts, top-k, renormalise the k weights to sum to 1.
-    Ties go to the lower expert index (torch.topk on CPU float64 with sorted=True)."""
+    """Mixtral / Qwen3 routing in float64: softmax over the experts, the top-k (ties to the lower index),
+    optionally renormalised to sum to 1. Returns (weights float64 [M, k], ids int64 [M, k])."""
     probs = torch.softmax(logits.double(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+    ids = stable_topk(probs, top_k)
+    weights = probs.gather(-1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids

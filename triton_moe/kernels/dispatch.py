@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 from .. import validate
-from ..mode import ON_GPU
+from ..target import current as current_target
 from ..reference import dispatch_sizes
+from .routing import next_pow2
 
 
 @triton.jit
@@ -119,14 +120,12 @@ def dispatch_scatter_kernel(topk_ids_ptr, chunk_counts_ptr, expert_bounds_ptr, s
     ### END SOLUTION
 
 
-def next_pow2(n: int) -> int:
-    return max(2, triton.next_power_of_2(int(n)))
-
-
-def dispatch_launch_params(num_slots: int, num_experts: int, block_m: int, for_gpu: bool = ON_GPU) -> dict:
+def dispatch_launch_params(num_slots: int, num_experts: int, block_m: int, for_gpu: bool | None = None) -> dict:
     """Tile sizes of the four kernels (host-side Python ints only: no GPU value is read). On a GPU one step is a
     [SUB, E] one-hot tile of about 8K values (registers) and up to ~128 chunks run in parallel; in the
     interpreter every operation costs about the same whatever its size, so few, large steps."""
+    if for_gpu is None:
+        for_gpu = current_target().on_gpu
     e_p2 = next_pow2(num_experts)
     tile, max_sub, max_chunks = (8192, 128, 128) if for_gpu else (1 << 17, 1024, 4)
     sub = max(16, min(max_sub, tile // e_p2))

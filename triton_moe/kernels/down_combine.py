@@ -16,15 +16,13 @@ token together. Two ways to add them (both measured in ``benchmarks/ch05_fused_m
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import validate
-from ..configs import KernelConfig
 from ..mode import check_interpreter_dtype
+from .grouped_gemm import grouped_launch_order
 from .fused_gate_up import blocks_bound, check_dispatch, fit_shared, pick_config, with_block_m
 
 
@@ -39,15 +37,8 @@ def down_combine_kernel(
 ):
     """acc[slot // top_k] += w * (h[slot] . w2[e, n]) (ATOMIC), or acc[slot] = w * (h[slot] . w2[e, n])
     (per-slot rows); N = hidden, K = ffn. Program axis 1 is the K slice (split_k > 1 only with ATOMIC)."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_launch_order(tl.program_id(0), EM // BLOCK_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = EM // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
 
     num_post = tl.load(num_tokens_post_padded_ptr)
     if pid_m * BLOCK_M >= num_post:
@@ -190,7 +181,3 @@ def example_launches() -> list:
              lambda s=shape, M=M, dt=dtype, det=det: launch(s, M, dt, det))
             for key, shape in MODELS.items() for M in BATCH_SIZES for dtype in (torch.bfloat16, torch.float16)
             for det in (False, True)]
-
-
-def config_without_split(cfg: KernelConfig) -> KernelConfig:
-    return dataclasses.replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "SPLIT_K"})

@@ -21,20 +21,19 @@ the interpreter), and an NVIDIA table written by ``scripts/tune_fused_moe.py``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import validate
-from ..configs import KernelConfig, pick
-from ..mode import ON_GPU, check_interpreter_dtype
+from .. import configs, validate
+from ..configs import KernelConfig
+from ..mode import check_interpreter_dtype
+from .grouped_gemm import grouped_launch_order
 
-TABLES = Path(__file__).resolve().parent.parent / "tables"
-INF = 1 << 30
+TABLES = configs.TABLES
+INF = configs.INF
 
 # --------------------------------------------------------------------------------------------------
 # Config tables
@@ -71,97 +70,27 @@ GPU_FALLBACK = {
 }
 
 
-def shape_key(hidden: int, ffn: int, experts: int, top_k: int) -> str:
-    """How a tuned table names the model shape it was tuned for."""
-    return f"hidden={hidden},ffn={ffn},experts={experts},top_k={top_k}"
+# Keyed by tokens M; tuned tables (scripts/tune_fused_moe.py) carry rows per model shape. Tuned on an H100:
+# their large two-accumulator tiles spill registers on sm_80 (no warpgroup MMA there), which runs GPU_FALLBACK.
+for _kernel, _tiles in (("fused_gate_up", 2), ("down_combine", 1)):
+    configs.register(configs.Op(_kernel, key="tokens M", cpu=tuple(CPU_TABLES[_kernel]),
+                                portable=tuple(GPU_FALLBACK[_kernel]), weight_tiles=_tiles, nvidia_min_sm=90,
+                                amd_borrows=True))
+shape_key = configs.shape_key
 
 
-@functools.lru_cache(maxsize=None)
-def vendor() -> str:
-    if not ON_GPU:
-        return "cpu"
-    return "amd" if getattr(torch.version, "hip", None) else "nvidia"
-
-
-def _rows_to_table(rows) -> list:
-    out = []
-    for row in rows:
-        row = dict(row)
-        m = row.pop("max_M")
-        out.append((m, KernelConfig(**row)))
-    return sorted(out, key=lambda r: r[0])
-
-
-@functools.lru_cache(maxsize=None)
 def tuned_tables(kernel: str, vendor_name: str) -> dict:
-    """{shape key or "default": table} from ``tables/<kernel>.<vendor>.json``; empty if never tuned.
-
-    The file is :func:`triton_moe.configs.save_table`'s format (``table`` = the default rows, which
-    :func:`triton_moe.configs.load_table` reads) plus ``shapes``: rows tuned for each model shape."""
-    path = TABLES / f"{kernel}.{vendor_name}.json"
+    """{shape key or "default": table} of ``tables/<kernel>.<vendor>.json``; empty if never tuned."""
+    path = configs.table_path(kernel, vendor_name)
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
-    tables = {"default": _rows_to_table(data["table"])}
-    for key, rows in data.get("shapes", {}).items():
-        tables[key] = _rows_to_table(rows)
-    return tables
-
-
-AMD_LDS_BYTES = 64 * 1024   # MI300X / MI250X: LDS per workgroup
-B_TILES = {"fused_gate_up": 2, "down_combine": 1}  # weight tiles per K step (gate+up reads W1 and W3)
-
-
-def adapt_amd(cfg: KernelConfig, kernel: str, elem_bytes: int = 2) -> KernelConfig:
-    """An NVIDIA config made legal for AMD: Triton's AMD pipeliner uses at most 2 stages, and the staged
-    tiles (x tile + B_TILES weight tiles per stage) must fit 64 KB of LDS: halve BLOCK_K, then BLOCK_N."""
-    c = dataclasses.replace(cfg, num_stages=min(cfg.num_stages, 2), extra=dict(cfg.extra))
-
-    def lds(c):
-        return c.num_stages * (c.BLOCK_M * c.BLOCK_K + B_TILES[kernel] * c.BLOCK_K * c.BLOCK_N) * elem_bytes
-
-    while lds(c) > AMD_LDS_BYTES and (c.BLOCK_K > 32 or c.BLOCK_N > 32):
-        if c.BLOCK_K > 32:
-            c = dataclasses.replace(c, BLOCK_K=c.BLOCK_K // 2, extra=c.extra)
-        else:
-            c = dataclasses.replace(c, BLOCK_N=c.BLOCK_N // 2, extra=c.extra)
-    return c
-
-
-@functools.lru_cache(maxsize=None)
-def hopper_or_newer() -> bool:
-    """The committed NVIDIA tables were tuned on an H100 (sm_90): their large two-accumulator tiles spill
-    registers on sm_80 (A100), where warpgroup MMA does not exist. Older NVIDIA GPUs take the fallback."""
-    return ON_GPU and vendor() == "nvidia" and torch.cuda.get_device_capability()[0] >= 9
-
-
-def gpu_table(kernel: str, vendor_name: str, hidden: int, ffn: int, experts: int, top_k: int) -> list:
-    """The table a GPU of ``vendor_name`` runs for this model shape: its own tuned table (the shape's rows, or
-    the default rows), else for AMD the NVIDIA one adapted (never tuned there), else the portable fallback."""
-    key = shape_key(hidden, ffn, experts, top_k)
-    if vendor_name == "nvidia" and ON_GPU and not hopper_or_newer():
-        return GPU_FALLBACK[kernel]
-    tuned = tuned_tables(kernel, vendor_name)
-    table = tuned.get(key) or tuned.get("default")
-    if table:
-        return table
-    if vendor_name == "amd":
-        nv = tuned_tables(kernel, "nvidia")
-        base = nv.get(key) or nv.get("default") or GPU_FALLBACK[kernel]
-        return [(m, adapt_amd(c, kernel)) for m, c in base]
-    return GPU_FALLBACK[kernel]
-
-
-def table_for(kernel: str, hidden: int, ffn: int, experts: int, top_k: int) -> list:
-    v = vendor()
-    if v == "cpu":
-        return CPU_TABLES[kernel]
-    return gpu_table(kernel, v, hidden, ffn, experts, top_k)
+    return {"default": configs.load_table(path), **{k: configs.load_table(path, k) for k in data.get("shapes", {})}}
 
 
 def pick_config(kernel: str, M: int, hidden: int, ffn: int, experts: int, top_k: int) -> KernelConfig:
     """The launch config for ``kernel`` ("fused_gate_up" or "down_combine") at M tokens of this shape."""
-    return pick(table_for(kernel, hidden, ffn, experts, top_k), M)
+    return configs.choose(kernel, M, shape_key(hidden, ffn, experts, top_k))
 
 
 def dispatch_block_m(M: int, hidden: int, ffn: int, experts: int, top_k: int) -> int:
@@ -175,21 +104,8 @@ def with_block_m(cfg: KernelConfig, block_m: int) -> KernelConfig:
 
 
 def fit_shared(cfg: KernelConfig, kernel: str, elem_bytes: int) -> KernelConfig:
-    """The tables are tuned for 2-byte inputs; fp32 inputs double the staged tiles. Halve BLOCK_K (down to 32),
-    then drop stages (down to 2), until ``stages x (x tile + weight tiles)`` fits the GPU's shared memory."""
-    if not ON_GPU or elem_bytes <= 2:
-        return cfg
-    limit = AMD_LDS_BYTES if vendor() == "amd" else 227 * 1024
-
-    def staged(c):
-        return c.num_stages * (c.BLOCK_M * c.BLOCK_K + B_TILES[kernel] * c.BLOCK_K * c.BLOCK_N) * elem_bytes
-
-    while staged(cfg) > limit and (cfg.BLOCK_K > 32 or cfg.num_stages > 2):
-        if cfg.BLOCK_K > 32:
-            cfg = dataclasses.replace(cfg, BLOCK_K=cfg.BLOCK_K // 2, extra=dict(cfg.extra))
-        else:
-            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1, extra=dict(cfg.extra))
-    return cfg
+    """The tables are tuned for 2-byte inputs: fit wider ones into shared memory (:func:`configs.fit_shared`)."""
+    return configs.fit_shared(cfg, kernel, elem_bytes)
 
 
 def blocks_bound(num_slots: int, experts: int, block_m: int, max_blocks: int) -> int:
@@ -228,16 +144,9 @@ def fused_gate_up_kernel(
     """out[slot, n] = silu(x[slot // top_k] . w1[e, n]) * (x[slot // top_k] . w3[e, n]) for the slots of
     each dispatch block (expert e); N = ffn, K = hidden. top_k and num_slots (= M * top_k) are run-time
     ints (not specialised), so one compiled kernel serves every M and every model's top_k."""
-    pid = tl.program_id(0)
-    num_pid_m = EM // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
     # Programs of GROUP_M consecutive row blocks share a column block, so its weight tile is read from
-    # memory once and from L2 by the others.
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    # memory once and from L2 by the others (chapter 3's launch order).
+    pid_m, pid_n = grouped_launch_order(tl.program_id(0), EM // BLOCK_M, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     # Skip the blocks past the end of the dispatch: inactive experts launch nothing that works.
     num_post = tl.load(num_tokens_post_padded_ptr)

@@ -34,58 +34,24 @@ from ..mode import check_interpreter_dtype
 from ..reference import dispatch_sizes
 from .down_combine import down_combine
 from .fused_gate_up import fused_gate_up, pick_config, with_block_m
+from .dispatch import sorted_dispatch
+from .routing import topk_select, topk_softmax
 
 __all__ = ["fused_moe", "fused_experts", "FusedMoEBlock", "route", "dispatch"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Router and dispatch: chapter 2's kernels, with torch stand-ins (sync-free too) while they are missing.
+# Router and dispatch: chapter 2's kernels
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True):
-    """softmax -> top-k -> (optionally) renormalise: (weights fp32 [M, k], ids int32 [M, k])."""
-    try:
-        from .routing import topk_softmax
-    except ImportError:  # pragma: no cover - chapter 2 not installed
-        probs = torch.softmax(router_logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, top_k, dim=-1)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, ids.int()
+    """softmax -> top-k -> (optionally) renormalise: (weights fp32 [M, k], ids int32 [M, k]), chapter 2's
+    :func:`~triton_moe.kernels.routing.topk_softmax`."""
     return topk_softmax(router_logits, top_k, renormalize)
-
-
-def _dispatch_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """The dispatch contract in plain torch ops, with no host synchronisation (static sizes)."""
-    M, k = topk_ids.shape
-    S = M * k
-    size, max_blocks = dispatch_sizes(M, k, num_experts, block_m)
-    dev = topk_ids.device
-    flat = topk_ids.reshape(-1).long()
-    counts = torch.zeros(num_experts, dtype=torch.long, device=dev).index_add_(
-        0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    order = torch.sort(flat, stable=True).indices                    # slots grouped by expert, in slot order
-    first = torch.cumsum(counts, 0) - counts                          # where each expert starts in `order`
-    sorted_exp = flat[order]
-    pos = starts[sorted_exp] + torch.arange(S, device=dev) - first[sorted_exp]
-    sorted_token_ids = torch.full((size,), S, dtype=torch.int32, device=dev)
-    sorted_token_ids.scatter_(0, pos, order.int())
-    block_start = torch.arange(max_blocks, device=dev) * block_m
-    expert_ids = torch.searchsorted(ends, block_start, right=True)
-    total = ends[-1:]
-    expert_ids = torch.where(block_start < total, expert_ids, -1).int()
-    return sorted_token_ids, expert_ids, total.int()
 
 
 def dispatch(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """(sorted_token_ids, expert_ids, num_tokens_post_padded): chapter 2's ``sorted_dispatch``."""
-    try:
-        from .dispatch import sorted_dispatch
-    except ImportError:  # pragma: no cover - chapter 2 not installed
-        return _dispatch_torch(topk_ids, num_experts, block_m)
     return sorted_dispatch(topk_ids, num_experts, block_m)
 
 
@@ -122,17 +88,12 @@ def route_dispatch_kernel(logits_ptr, weights_ptr, ids_ptr, sorted_token_ids_ptr
                     mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
         x = tl.where(rmask[:, None], x, 0.0)
         x_max = tl.max(x, axis=1)
-        denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
-        chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
-        chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            best = tl.max(x, axis=1)
-            idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)
-            chosen_ids = tl.where(kslots[None, :] == j, idx[:, None], chosen_ids)
-            chosen_w = tl.where(kslots[None, :] == j, tl.exp(best - x_max)[:, None], chosen_w)
-            x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
+        chosen_ids, best = topk_select(x, x, BLOCK_T, BLOCK_E, K_P2, TOP_K, False)
+        chosen_w = tl.where(kslots[None, :] < TOP_K, tl.exp(best - x_max[:, None]), 0.0)
         if RENORMALIZE:
             denom = tl.sum(chosen_w, axis=1)
+        else:
+            denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
         out = rows[:, None] * TOP_K + kslots[None, :]
         omask = rmask[:, None] & (kslots[None, :] < TOP_K)
         tl.store(ids_ptr + out, chosen_ids, mask=omask)
@@ -174,9 +135,9 @@ def route_dispatch_warps(block_t: int, block_e: int, s_p2: int, vendor_name: str
 
 
 def _vendor() -> str:
-    from .fused_gate_up import vendor
+    from ..target import current
 
-    return vendor()
+    return current().vendor
 
 
 def small_path(M: int, E: int, top_k: int) -> bool:

@@ -22,19 +22,17 @@ a CPU table with large tiles (the interpreter costs ~7 ms per program x K step) 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import validate
-from ..configs import KernelConfig, load_table, pick
-from ..mode import ON_GPU, check_interpreter_dtype
+from .. import configs, validate
+from ..configs import KernelConfig
+from ..mode import check_interpreter_dtype
 from .dispatch import sorted_dispatch
 
-TABLES = Path(__file__).resolve().parent.parent / "tables"
+TABLES = configs.TABLES
 
 # Interpreter: few, large programs. BLOCK_K * BLOCK_N tiles small enough for AMD's 64 KiB LDS at 2 stages.
 CPU_TABLE = [
@@ -112,53 +110,28 @@ def grouped_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_token_ids_ptr, expert_ids_
     ### END SOLUTION
 
 
-# The tuned NVIDIA table was tuned on an H100 (sm_90) and runs on Hopper and newer. On sm_80 (A100) its
-# 128x256 8-warp tile spills registers (docs/compile-report.md), so older NVIDIA GPUs run DEFAULT_GPU_TABLE,
-# as AMD GPUs do until an AMD table (grouped_gemm.amd.json) is tuned and committed.
+# Keyed by the GEMM rows num_slots = tokens * top_k. The tuned NVIDIA table (grouped_gemm.nvidia.json,
+# benchmarks/tune_grouped_gemm.py) was tuned on an H100 and runs on Hopper and newer: on sm_80 (A100) its
+# 128x256 8-warp tile spills registers (docs/compile-report.md), so older NVIDIA GPUs, and AMD GPUs until a
+# grouped_gemm.amd.json is tuned, run DEFAULT_GPU_TABLE.
 TUNED_MIN_SM = 90
+configs.register(configs.Op("grouped_gemm", key="GEMM rows num_slots = tokens * top_k", cpu=tuple(CPU_TABLE),
+                            portable=tuple(DEFAULT_GPU_TABLE), nvidia_min_sm=TUNED_MIN_SM))
 
 
 def gpu_table_for(target: str):
-    """The table a GPU of compile target ``target`` (``"sm_90"``, ``"sm_80"``, ``"gfx942"``, ... as
-    :func:`triton_moe.vendor.current_target` names it) runs: its vendor's tuned ``grouped_gemm.<vendor>.json``
-    where one is committed (NVIDIA: on sm_90 and newer only), else :data:`DEFAULT_GPU_TABLE`."""
-    vendor = "amd" if target.startswith("gfx") else "nvidia"
-    path = TABLES / f"grouped_gemm.{vendor}.json"
-    if not path.exists():
-        return DEFAULT_GPU_TABLE
-    if vendor == "nvidia" and target.startswith("sm_") and int(target[3:].rstrip("a")) < TUNED_MIN_SM:
-        return DEFAULT_GPU_TABLE
-    return load_table(path)
-
-
-def load_gpu_table(vendor: str):
-    """The tuned table of this vendor if one is committed, else :data:`DEFAULT_GPU_TABLE` (whatever the
-    architecture: :func:`gpu_table_for` is what a GPU runs)."""
-    path = TABLES / f"grouped_gemm.{vendor}.json"
-    return load_table(path) if path.exists() else DEFAULT_GPU_TABLE
-
-
-@functools.lru_cache(maxsize=None)
-def _this_target() -> str:
-    from ..vendor import current_target
-
-    return current_target()
+    """The table a GPU of compile target ``target`` (``"sm_90"``, ``"sm_80"``, ``"gfx942"``, ...) runs."""
+    return list(configs.table("grouped_gemm", target=target).rows)
 
 
 def config_table():
-    """The table this machine uses: CPU_TABLE in interpreter mode, otherwise :func:`gpu_table_for` this GPU's
-    compile target (the vendor's tuned table when the target cannot be read)."""
-    if not ON_GPU:
-        return CPU_TABLE
-    target = _this_target()
-    if target:
-        return gpu_table_for(target)
-    return load_gpu_table("amd" if getattr(torch.version, "hip", None) else "nvidia")
+    """The table this machine uses (CPU_TABLE in interpreter mode)."""
+    return list(configs.table("grouped_gemm").rows)
 
 
 def pick_config(num_slots: int) -> KernelConfig:
     """Config for a grouped GEMM of ``num_slots = tokens * top_k`` rows. Run the dispatch with its BLOCK_M."""
-    return pick(config_table(), num_slots)
+    return configs.choose("grouped_gemm", num_slots)
 
 
 def grouped_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, a_rows_per_token, config=None,

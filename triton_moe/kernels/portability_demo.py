@@ -21,10 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import validate
+from .. import configs, validate
 from ..configs import KernelConfig
+from .grouped_gemm import grouped_launch_order
 
 KERNEL = "tiled_matmul"
+# Tables: tables/tiled_matmul.<device>.json (benchmarks/ch06_portability.py --tune), .<vendor>.json (chosen
+# from the compile report), .cpu.json. This portable table (small tiles, 2 stages: fits any target) serves a
+# GPU none of them covers.
+_PORTABLE = ((64, KernelConfig(32, 64, 32, 8, 4, 2)), (1 << 30, KernelConfig(64, 64, 32, 8, 4, 2)))
+configs.register(configs.Op(KERNEL, key="rows M of a", cpu=_PORTABLE, portable=_PORTABLE, amd_borrows=True))
 
 
 @triton.jit
@@ -32,15 +38,8 @@ def tiled_matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K,
                         stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    # Grouped program order: GROUP_M row blocks share each column block of W while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
+    # Grouped program order (chapter 3): GROUP_M row blocks share each column block of W while it is in L2.
+    pid_m, pid_n = grouped_launch_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,7 +62,6 @@ def tiled_matmul(a: torch.Tensor, w: torch.Tensor, config: KernelConfig | None =
     """``a @ w.T`` for ``a: [M, K]``, ``w: [N, K]``; the config comes from this device's vendor table
     unless given. On the CPU (interpreter) use float16 or float32."""
     from ..mode import check_interpreter_dtype
-    from ..vendor import pick_config
 
     validate.tensor("a", a, ndim=2, dtypes=validate.FLOAT_DTYPES, nonempty=True, contiguous=False)
     validate.tensor("w", w, ndim=2, dtypes=validate.FLOAT_DTYPES, device=a.device, contiguous=False)
@@ -73,7 +71,7 @@ def tiled_matmul(a: torch.Tensor, w: torch.Tensor, config: KernelConfig | None =
     check_interpreter_dtype("tiled_matmul", a.dtype)
     M, K = a.shape
     N = w.shape[0]
-    cfg = config or pick_config(KERNEL, M)
+    cfg = config or configs.choose(KERNEL, M)
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     tiled_matmul_kernel[grid](a, w, c, M, N, K, a.stride(0), a.stride(1), w.stride(0), w.stride(1),

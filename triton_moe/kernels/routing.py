@@ -20,30 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-import json
-from pathlib import Path
-
-from .. import validate
-from ..mode import ON_GPU
+from .. import configs, validate
+from ..reference import route_reference, stable_topk
+from ..configs import RouterConfig
 
 
 # --------------------------------------------------------------------------------------------------
 # float64 references
 
 
-def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest along the last dim; equal scores: lower index first."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-
-
-def topk_softmax_reference(logits: torch.Tensor, top_k: int, renormalize: bool = True):
-    """Mixtral / Qwen3 routing in float64: softmax, top-k (ties to the lower index), optional renormalise."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    ids = _stable_topk(probs, top_k)
-    weights = probs.gather(-1, ids)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+topk_softmax_reference = route_reference   # Mixtral / Qwen3 routing in float64 (one copy, in reference.py)
 
 
 def deepseek_v3_route_reference(logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, n_group: int,
@@ -53,10 +39,10 @@ def deepseek_v3_route_reference(logits: torch.Tensor, correction_bias: torch.Ten
     scores = torch.sigmoid(logits.double())
     choice = scores + correction_bias.double().to(scores.device)[None, :]
     group_scores = choice.view(M, n_group, E // n_group).topk(2, dim=-1).values.sum(dim=-1)   # [M, n_group]
-    groups = _stable_topk(group_scores, topk_group)
+    groups = stable_topk(group_scores, topk_group)
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
     expert_mask = group_mask.repeat_interleave(E // n_group, dim=1)
-    ids = _stable_topk(choice.masked_fill(~expert_mask, float("-inf")), top_k)
+    ids = stable_topk(choice.masked_fill(~expert_mask, float("-inf")), top_k)
     weights = scores.gather(1, ids)
     weights = weights / weights.sum(dim=-1, keepdim=True) * routed_scaling_factor
     return weights, ids
@@ -64,6 +50,34 @@ def deepseek_v3_route_reference(logits: torch.Tensor, correction_bias: torch.Ten
 
 # --------------------------------------------------------------------------------------------------
 # Kernels
+
+
+@triton.jit
+def topk_select(x, y, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, K_P2: tl.constexpr, TOP_K: tl.constexpr,
+                GATHER: tl.constexpr):
+    """The TOP_K largest entries of each row of ``x`` [BLOCK_T, BLOCK_E], largest first, ties to the LOWER
+    column: returns (ids int32 [BLOCK_T, K_P2], values fp32 [BLOCK_T, K_P2]), the values being the chosen
+    entries of ``x``, or with GATHER those of ``y`` at the chosen columns; slots >= TOP_K hold 0. Every later
+    router (DeepSeek-V3's, the decode route + dispatch of chapter 5) imports this selection."""
+    cols = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, K_P2)
+    ### BEGIN SOLUTION
+    # HINT: k times: the row max, its LOWEST column among ties (tl.min over tl.where(x == best, cols, BLOCK_E)),
+    # HINT: record it in slot j (tl.where(slots == j, ...)), then set that column of x to -inf.
+    ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
+    vals = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(x, axis=1)
+        idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        if GATHER:
+            best = tl.sum(tl.where(cols[None, :] == idx[:, None], y, 0.0), axis=1)
+        ids = tl.where(slots[None, :] == j, idx[:, None], ids)
+        vals = tl.where(slots[None, :] == j, best[:, None], vals)
+        x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
+    # STUB: ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
+    # STUB: vals = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
+    ### END SOLUTION
+    return ids, vals
 
 
 @triton.jit
@@ -79,24 +93,18 @@ def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, M, E, stride_lm,
     x = tl.load(logits_ptr + rows[:, None] * stride_lm + cols[None, :],
                 mask=rmask[:, None] & (cols[None, :] < E), other=float("-inf")).to(tl.float32)
     x = tl.where(rmask[:, None], x, 0.0)   # rows past M: finite values (their results are never stored)
+    # Softmax is monotonic: choose on the logits (exactly what the float64 reference compares).
+    chosen_ids, best = topk_select(x, x, BLOCK_T, BLOCK_E, K_P2, TOP_K, False)
     ### BEGIN SOLUTION
-    # HINT: softmax is monotonic: choose on the logits. k times: the row max, its LOWEST column among ties
-    # HINT: (tl.min over tl.where(x == best, cols, BLOCK_E)), record it, then set that column to -inf.
-    # HINT: weight = exp(logit - row max) / (sum over all experts, or over the k chosen when RENORMALIZE)
+    # HINT: weight = exp(logit - row max) / (sum over all experts, or over the k chosen when RENORMALIZE);
+    # HINT: slots >= TOP_K must weigh 0 (they are never stored, but they must not enter the sum).
     x_max = tl.max(x, axis=1)
-    denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
-    chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
-    chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(x, axis=1)
-        idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        chosen_ids = tl.where(slots[None, :] == j, idx[:, None], chosen_ids)
-        chosen_w = tl.where(slots[None, :] == j, tl.exp(best - x_max)[:, None], chosen_w)
-        x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
+    chosen_w = tl.where(slots[None, :] < TOP_K, tl.exp(best - x_max[:, None]), 0.0)
     if RENORMALIZE:
         denom = tl.sum(chosen_w, axis=1)
+    else:
+        denom = tl.sum(tl.exp(x - x_max[:, None]), axis=1)
     weights = chosen_w / denom[:, None]
-    # STUB: chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
     # STUB: weights = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
     ### END SOLUTION
     out = rows[:, None] * TOP_K + slots[None, :]
@@ -132,10 +140,8 @@ def deepseek_v3_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, M, E, s
     group_score = tl.full([BLOCK_T, G_P2], NEG, dtype=tl.float32)
     for g in tl.static_range(N_GROUP):
         v = tl.where(group[None, :] == g, choice, NEG)
-        top1 = tl.max(v, axis=1)
-        i1 = tl.min(tl.where(v == top1[:, None], cols[None, :], BLOCK_E), axis=1)
-        top2 = tl.max(tl.where(cols[None, :] == i1[:, None], NEG, v), axis=1)
-        group_score = tl.where(gcols[None, :] == g, (top1 + top2)[:, None], group_score)
+        _, two_best = topk_select(v, v, BLOCK_T, BLOCK_E, 2, 2, False)
+        group_score = tl.where(gcols[None, :] == g, tl.sum(two_best, axis=1)[:, None], group_score)
     keep = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
     for j in tl.static_range(TOPK_GROUP):
         best = tl.max(group_score, axis=1)
@@ -145,15 +151,8 @@ def deepseek_v3_route_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, M, E, s
     choice = tl.where(keep, choice, NEG)
     # STUB: choice = choice
     ### END SOLUTION
-    chosen_ids = tl.zeros([BLOCK_T, K_P2], dtype=tl.int32)
-    chosen_w = tl.zeros([BLOCK_T, K_P2], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(choice, axis=1)
-        idx = tl.min(tl.where(choice == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        w = tl.sum(tl.where(cols[None, :] == idx[:, None], scores, 0.0), axis=1)   # unbiased score
-        chosen_ids = tl.where(slots[None, :] == j, idx[:, None], chosen_ids)
-        chosen_w = tl.where(slots[None, :] == j, w[:, None], chosen_w)
-        choice = tl.where(cols[None, :] == idx[:, None], NEG, choice)
+    # Choose on the biased scores, weigh with the unbiased ones (gathered at the chosen columns).
+    chosen_ids, chosen_w = topk_select(choice, scores, BLOCK_T, BLOCK_E, K_P2, TOP_K, True)
     weights = chosen_w / tl.sum(chosen_w, axis=1)[:, None] * scale
     out = rows[:, None] * TOP_K + slots[None, :]
     omask = rmask[:, None] & (slots[None, :] < TOP_K)
@@ -174,30 +173,18 @@ def tokens_per_program(E: int) -> int:
     return max(1, min(64, 4096 // next_pow2(E)))
 
 
-TABLES = Path(__file__).resolve().parent.parent / "tables"
-
-
-def launch_table(vendor: str | None = None) -> dict:
-    """{kernel name: [(max_E, BLOCK_T, num_warps), ...]} from ``tables/routing.<vendor>.json`` (written by
-    ``benchmarks/tune_routing.py``); empty where none is committed (then the defaults apply)."""
-    if vendor is None:
-        if not ON_GPU:
-            return {}
-        vendor = "amd" if getattr(torch.version, "hip", None) else "nvidia"
-    path = TABLES / f"routing.{vendor}.json"
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())["table"]
-    return {name: sorted((r["max_E"], r["BLOCK_T"], r["num_warps"]) for r in rows) for name, rows in data.items()}
+# Keyed by the number of experts E (a token's E scores are one tile row); tuned tables:
+# tables/<router>.nvidia.json (benchmarks/tune_routing.py). Without one: tiles of about 4096 scores, 4 warps.
+_DEFAULT = tuple((1 << p, RouterConfig(tokens_per_program(1 << p), 4)) for p in range(1, 12)) + \
+    ((1 << 31, RouterConfig(1, 4)),)
+for _name in ("topk_softmax", "deepseek_v3_route"):
+    configs.register(configs.Op(_name, key="experts E", cpu=_DEFAULT, portable=_DEFAULT, row=RouterConfig))
 
 
 def launch_config(kernel: str, E: int) -> tuple[int, int]:
     """(BLOCK_T tokens per program, num_warps) for a router kernel over E experts."""
-    rows = launch_table().get(kernel, [])
-    for max_e, block_t, warps in rows:
-        if E <= max_e:
-            return block_t, warps
-    return (rows[-1][1], rows[-1][2]) if rows else (tokens_per_program(E), 4)
+    cfg = configs.choose(kernel, E)
+    return cfg.BLOCK_T, cfg.num_warps
 
 
 def check_logits(logits) -> None:

@@ -440,8 +440,8 @@ def capture_launches(*kernels):
 @dataclass(frozen=True)
 class Machine:
     target: str          # a key of TARGETS
-    device: str = ""     # a device name with its own tables (``tables/<kernel>.<device slug>.json``), or ""
-    kernel: str = ""     # with a device: the table's kernel (only examples that launch ``<kernel>_kernel`` run)
+    device: str = ""     # a device name with its own tables (``tables/<op>.<device slug>.json``), or ""
+    kernels: tuple = ()  # with a device: its tables' ops (only examples of modules defining ``<op>_kernel`` run)
 
     @property
     def label(self) -> str:
@@ -459,9 +459,14 @@ def machines(targets=None) -> list[Machine]:
             meta = json.loads(path.read_text()).get("meta", {})
         except (OSError, ValueError):
             continue
-        m = Machine(meta.get("target", ""), meta.get("device", ""), meta.get("kernel") or path.name.split(".")[0])
-        if m.device and m.target in targets and m not in out:
-            out.append(m)
+        target, device = meta.get("target") or "", meta.get("device") or ""
+        if device and target in targets:
+            op = meta.get("kernel") or path.name.split(".")[0]
+            same = [m for m in out if (m.target, m.device) == (target, device)]
+            if same:
+                out[out.index(same[0])] = Machine(target, device, tuple(dict.fromkeys(same[0].kernels + (op,))))
+            else:
+                out.append(Machine(target, device, (op,)))
     return out
 
 
@@ -477,63 +482,29 @@ def _lru_caches():
 @contextlib.contextmanager
 def simulate(machine: Machine | str):
     """Make the host wrappers choose their launches as on a GPU of ``machine`` (a :class:`Machine` or a target
-    name), on a machine without one. THE one hook between this tool and the kernels' config choice: when
-    :mod:`triton_moe.configs` offers ``simulate(target)``, that is used; until then this patches what the
-    host code reads to learn where it runs, for the duration of the block:
-
-    - ``ON_GPU`` (``triton_moe.mode`` and every loaded triton_moe module's copy) is True, and parameters named
-      ``for_gpu`` default to True;
-    - ``torch.version.hip`` / ``cuda``, ``torch.cuda.get_device_capability`` / ``get_device_name`` /
-      ``get_device_properties`` answer as that GPU, and ``triton_moe.vendor.current_target`` names the target;
-    - every ``functools`` cache of triton_moe modules is cleared on entry and on exit.
-
-    Only host-side choices change; no kernel is launched (use it with :func:`capture_launches`)."""
-    import types
-
-    import torch
-
-    from .. import configs
+    name), on a machine without one: :func:`triton_moe.target.simulate` (configs, warps and tile sizes as that
+    target's launch; with a device, that device's own tables), plus ``ON_GPU`` set in :mod:`triton_moe.mode`
+    and the modules that copied it (``mode.check_interpreter_dtype`` refuses bf16 in interpreter mode, and
+    a GPU launch takes bf16), and the triton_moe ``functools`` caches cleared on entry and exit. Only host-side
+    choices change; no kernel is launched (use it with :func:`capture_launches`)."""
+    from .. import mode
+    from .. import target as _target
 
     machine = machine if isinstance(machine, Machine) else Machine(machine)
-    target = TARGETS[machine.target]
-    if hasattr(configs, "simulate"):
-        with configs.simulate(machine.target, **({"device": machine.device} if machine.device else {})):
-            yield machine
-        return
-    from .. import mode, vendor
-
-    name = machine.device or f"simulated {target.gpu}"
-    cap = (target.arch // 10, target.arch % 10) if target.vendor == "nvidia" else (9, 4)
-    props = types.SimpleNamespace(name=name, gcnArchName=str(target.arch), major=cap[0], minor=cap[1],
-                                  multi_processor_count=132 if target.vendor == "nvidia" else 304)
-    patches = [(torch.version, "hip", "7.2" if target.vendor == "amd" else None),
-               (torch.version, "cuda", "13.0" if target.vendor == "nvidia" else None),
-               (torch.cuda, "get_device_capability", lambda *a, **k: cap),
-               (torch.cuda, "get_device_name", lambda *a, **k: name),
-               (torch.cuda, "get_device_properties", lambda *a, **k: props),
-               (vendor, "current_target", lambda: machine.target)]
-    for mod_name, mod in list(sys.modules.items()):
-        if (mod_name == "triton_moe" or mod_name.startswith("triton_moe.")) and "ON_GPU" in vars(mod):
-            patches.append((mod, "ON_GPU", True))
-        if mod_name.startswith("triton_moe.kernels."):
-            for fn in list(vars(mod).values()):
-                if isinstance(fn, types.FunctionType) and fn.__defaults__ and "for_gpu" in fn.__code__.co_varnames:
-                    names = fn.__code__.co_varnames[:fn.__code__.co_argcount][-len(fn.__defaults__):]
-                    if "for_gpu" in names:
-                        d = list(fn.__defaults__)
-                        d[names.index("for_gpu")] = True
-                        patches.append((fn, "__defaults__", tuple(d)))
-    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+    t = TARGETS[machine.target]
+    sim = _target.Target(t.vendor, machine.target, _target.slug(machine.device) if machine.device else "")
+    patched = [(mod, mod.ON_GPU) for name, mod in list(sys.modules.items())
+               if (name == "triton_moe" or name.startswith("triton_moe.")) and isinstance(vars(mod).get("ON_GPU"), bool)]
     for c in _lru_caches():
         c.cache_clear()
     try:
-        for obj, attr, value in patches:
-            setattr(obj, attr, value)
-        assert mode.ON_GPU
-        yield machine
+        for mod, _ in patched:
+            mod.ON_GPU = True
+        with _target.simulate(sim):
+            yield machine
     finally:
-        for obj, attr, value in reversed(saved):
-            setattr(obj, attr, value)
+        for mod, value in patched:
+            mod.ON_GPU = value
         for c in _lru_caches():
             c.cache_clear()
 
@@ -582,8 +553,9 @@ def specs_from_examples(examples, targets=None, only_kernels=None) -> list[Compi
     found: dict = {}
     for machine in machines(targets):
         mine = examples
-        if machine.kernel:  # a device with its own table of one kernel: the examples of that kernel's module
-            mine = [e for e in examples if f"{machine.kernel}_kernel" in jit_functions(sys.modules.get(e[2]))]
+        if machine.kernels:  # a device with its own tables: the examples of those kernels' modules
+            mine = [e for e in examples
+                    if any(f"{op}_kernel" in jit_functions(sys.modules.get(e[2])) for op in machine.kernels)]
         with simulate(machine):
             for label, call, _ in mine:
                 with capture_launches() as launches:
