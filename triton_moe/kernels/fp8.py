@@ -51,7 +51,7 @@ from .fused_gate_up import blocks_bound, check_dispatch
 
 __all__ = ["QuantizedExperts", "fp8_dtype", "fp8_format", "quantize_experts", "from_deepseek_v3_checkpoint",
            "quantize_act", "fused_gate_up_fp8", "down_combine_fp8", "fused_experts_fp8", "fused_moe_fp8",
-           "dequantize", "to_fnuz", "example_launches"]
+           "dequantize", "to_fnuz", "run_experts", "example_launches"]
 
 GROUP = 128            # DeepSeek-V3's block: 128x128 weight blocks, 1x128 activation groups
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -145,7 +145,7 @@ class QuantizedExperts:
         for name, s, (n, k) in (("w1_scale", self.w1_scale, (F, H)), ("w3_scale", self.w3_scale, (F, H)),
                                 ("w2_scale", self.w2_scale, (H, F))):
             shape = (E, -(-n // GROUP), -(-k // GROUP)) if self.scheme == "block" else (E, n)
-            validate.tensor(name, s, shape=shape, dtypes=(torch.float32,), device=dev)
+            validate.tensor(name, s, shape=shape, dtypes=(torch.float32,), device=dev, contiguous=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,17 +182,21 @@ def dequantize(wq: torch.Tensor, scale: torch.Tensor, scheme: str = "block") -> 
 
 def _quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype):
     fmax, _ = fp8_format(dtype)
-    w = w.float()
     E, n, k = w.shape
-    if scheme == "channel":
-        amax = w.abs().amax(dim=2)
-    else:
-        pn, pk = -(-n // GROUP) * GROUP, -(-k // GROUP) * GROUP
-        padded = torch.nn.functional.pad(w, (0, pk - k, 0, pn - n))
-        amax = padded.view(E, pn // GROUP, GROUP, pk // GROUP, GROUP).abs().amax(dim=(2, 4))
-    scale = amax.clamp_min(1e-12) / fmax
-    q = (w / _expand(scale, n, k, scheme)).clamp(-fmax, fmax).to(dtype)
-    return q.contiguous(), scale.contiguous()
+    q = torch.empty((E, n, k), dtype=dtype, device=w.device)
+    scale = torch.empty((E, n) if scheme == "channel" else (E, -(-n // GROUP), -(-k // GROUP)), dtype=torch.float32,
+                        device=w.device)
+    for e in range(E):   # one expert at a time: full DeepSeek-V3 experts in fp32 would need 45 GB at once
+        we = w[e].float()
+        if scheme == "channel":
+            amax = we.abs().amax(dim=1)
+        else:
+            pn, pk = -(-n // GROUP) * GROUP, -(-k // GROUP) * GROUP
+            padded = torch.nn.functional.pad(we, (0, pk - k, 0, pn - n))
+            amax = padded.view(pn // GROUP, GROUP, pk // GROUP, GROUP).abs().amax(dim=(1, 3))
+        scale[e] = amax.clamp_min(1e-12) / fmax
+        q[e] = (we / _expand(scale[e:e + 1], n, k, scheme)[0]).clamp(-fmax, fmax).to(dtype)
+    return q, scale
 
 
 def quantize_experts(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, scheme: str = "block",
@@ -560,26 +564,30 @@ def pick_config(op: str, M: int, a_bytes: int = 1, vendor_name: str | None = Non
 # Host wrappers
 
 
-def _check_q(q) -> tuple[int, int, int]:
+def check_experts(q) -> tuple[int, int, int]:
     if not isinstance(q, QuantizedExperts):
         raise ValueError(f"q must be a QuantizedExperts (see quantize_experts), got {type(q).__name__}")
     check_runnable("q", q.w1)
     return q.shape
 
 
-def _scale_strides(q: QuantizedExperts, s: torch.Tensor) -> tuple[int, int, int, int]:
+def scale_strides(q: QuantizedExperts, s: torch.Tensor) -> tuple[int, int, int, int]:
     """(stride_se, stride_sn, stride_sk, GROUP_N) of a weight's scale tensor."""
     if q.scheme == "block":
         return s.stride(0), s.stride(1), s.stride(2), GROUP
     return s.stride(0), s.stride(1), 0, 1
 
 
-def _check_act(name, a, a_scale, q: QuantizedExperts, rows: int | None, k: int):
+def check_activations(name, a, a_scale, q: QuantizedExperts, rows: int | None, k: int):
     """Activations of a GEMM: fp8 of q's dtype + fp32 group scales (block), or float (channel)."""
     if q.scheme == "block":
         validate.tensor(name, a, ndim=2, dtypes=(q.dtype,), nonempty=True, device=q.w1.device)
-        validate.tensor(f"{name}_scale", a_scale, shape=(a.shape[0], triton.cdiv(k, GROUP)), dtypes=(torch.float32,),
-                        device=q.w1.device)
+        validate.tensor(f"{name}_scale", a_scale, ndim=2, dtypes=(torch.float32,), device=q.w1.device,
+                        contiguous=False)   # strided views are fine: the kernels take strides
+        if tuple(a_scale.shape) != (a.shape[0], triton.cdiv(k, GROUP)):
+            raise ValueError(f"{name}_scale must have shape [{a.shape[0]}, {triton.cdiv(k, GROUP)}] (one scale per row "
+                             f"per group of {GROUP} columns: the activation groups must match the weights' {GROUP}-wide "
+                             f"K blocks), got {list(a_scale.shape)}")
     else:
         validate.tensor(name, a, ndim=2, dtypes=validate.FLOAT_DTYPES, nonempty=True, device=q.w1.device)
         check_interpreter_dtype(name, a.dtype)
@@ -589,7 +597,7 @@ def _check_act(name, a, a_scale, q: QuantizedExperts, rows: int | None, k: int):
         raise ValueError(f"{name} must have shape [{rows if rows is not None else '*'}, {k}], got {list(a.shape)}")
 
 
-def _block_k_ok(cfg: KernelConfig, q: QuantizedExperts) -> None:
+def check_block_k(cfg: KernelConfig, q: QuantizedExperts) -> None:
     if q.scheme == "block" and GROUP % cfg.BLOCK_K:
         raise ValueError(f"config.BLOCK_K must divide the scale block {GROUP} (one scale per K step), got {cfg.BLOCK_K}")
 
@@ -602,8 +610,8 @@ def fused_gate_up_fp8(x, q: QuantizedExperts, sorted_token_ids, expert_ids, num_
     :func:`quantize_act`; the output dtype is ``out_dtype`` (default: bf16 on a GPU, fp32 on the CPU).
     Channel scheme: ``x`` bf16/fp16/fp32, no ``x_scale``; the output has x's dtype. Dispatch tensors follow
     chapter 2's contract; their block size is the kernel's BLOCK_M."""
-    E, F, H = _check_q(q)
-    _check_act("x", x, x_scale, q, None, H)
+    E, F, H = check_experts(q)
+    check_activations("x", x, x_scale, q, None, H)
     M = x.shape[0]
     validate.top_k(top_k, E)
     block_m = check_dispatch(sorted_token_ids, expert_ids, num_tokens_post_padded, x.device)
@@ -611,13 +619,13 @@ def fused_gate_up_fp8(x, q: QuantizedExperts, sorted_token_ids, expert_ids, num_
         out_dtype = default_dtype() if q.scheme == "block" else x.dtype
     cfg = config or pick_config("fused_gate_up_fp8", M, x.element_size())
     cfg = cfg if cfg.BLOCK_M == block_m else dataclasses.replace(cfg, BLOCK_M=block_m)
-    _block_k_ok(cfg, q)
+    check_block_k(cfg, q)
     if out is None:
         out = torch.empty((M * top_k, F), dtype=out_dtype, device=x.device)
     validate.tensor("out", out, shape=(M * top_k, F), dtypes=(out_dtype,), device=x.device)
     xs = x_scale if x_scale is not None else q.w1_scale   # never read without BLOCK_SCALED
     xs_strides = (x_scale.stride(0), x_scale.stride(1)) if x_scale is not None else (0, 0)
-    se, sn, sk, group_n = _scale_strides(q, q.w1_scale)
+    se, sn, sk, group_n = scale_strides(q, q.w1_scale)
     num_blocks = blocks_bound(M * top_k, E, block_m, expert_ids.numel())
     grid = (num_blocks * triton.cdiv(F, cfg.BLOCK_N),)
     fused_gate_up_fp8_kernel[grid](
@@ -636,8 +644,8 @@ def down_combine_fp8(h, q: QuantizedExperts, topk_weights, sorted_token_ids, exp
     over each token's top-k slots (atomic fp32 adds, or per-slot rows + an ordered sum when
     ``deterministic``). ``h``: fp8 + ``h_scale`` (block) or float (channel), ``[M * top_k, ffn]``.
     ``acc``: an fp32 [M, hidden] buffer already zero (atomic mode)."""
-    E, F, H = _check_q(q)
-    _check_act("h", h, h_scale, q, None, F)
+    E, F, H = check_experts(q)
+    check_activations("h", h, h_scale, q, None, F)
     validate.tensor("topk_weights", topk_weights, ndim=2, dtypes=validate.FLOAT_DTYPES, device=h.device)
     M, top_k = topk_weights.shape
     if h.shape[0] != M * top_k:
@@ -651,7 +659,7 @@ def down_combine_fp8(h, q: QuantizedExperts, topk_weights, sorted_token_ids, exp
         out_dtype = default_dtype() if q.scheme == "block" else h.dtype
     cfg = config or pick_config("down_combine_fp8", M, h.element_size())
     cfg = cfg if cfg.BLOCK_M == block_m else dataclasses.replace(cfg, BLOCK_M=block_m)
-    _block_k_ok(cfg, q)
+    check_block_k(cfg, q)
     meta = cfg.meta()
     split_k = 1 if deterministic else int(meta.pop("SPLIT_K", 1))
     meta.pop("SPLIT_K", None)
@@ -667,7 +675,7 @@ def down_combine_fp8(h, q: QuantizedExperts, topk_weights, sorted_token_ids, exp
         validate.tensor("acc", acc, shape=(M, H), dtypes=(torch.float32,), device=h.device)
     hs = h_scale if h_scale is not None else q.w2_scale
     hs_strides = (h_scale.stride(0), h_scale.stride(1)) if h_scale is not None else (0, 0)
-    se, sn, sk, group_n = _scale_strides(q, q.w2_scale)
+    se, sn, sk, group_n = scale_strides(q, q.w2_scale)
     num_blocks = blocks_bound(M * top_k, E, block_m, expert_ids.numel())
     grid = (num_blocks * triton.cdiv(H, cfg.BLOCK_N), split_k)
     down_combine_fp8_kernel[grid](
@@ -682,27 +690,38 @@ def down_combine_fp8(h, q: QuantizedExperts, topk_weights, sorted_token_ids, exp
     return out
 
 
-def _check_x(x, q):
-    E, F, H = _check_q(q)
+def check_inputs(x, q):
+    """Validate x against q: (M, hidden, experts, ffn)."""
+    E, F, H = check_experts(q)
     validate.tensor("x", x, shape=(None, H), dtypes=validate.FLOAT_DTYPES, device=q.w1.device, nonempty=True)
     check_interpreter_dtype("x", x.dtype)
     return x.shape[0], H, E, F
 
 
-def _experts(x, topk_weights, q, top_k, dispatch_tensors, cfg_up, cfg_down, deterministic, out, acc):
-    """Gate+up and down+combine on one dispatch (quantising x and h first for the block scheme)."""
+def run_experts(x, topk_weights, q, top_k, dispatch_tensors, cfg_up, cfg_down, deterministic=False, out=None,
+                acc=None):
+    """Gate+up and down+combine on one dispatch; the block scheme quantises x, and the intermediate, per token
+    group first (the weights' K blocks are 128 wide, so the activation groups are too)."""
     if q.scheme == "block":
+        ### BEGIN SOLUTION
+        # HINT: xq, xs = quantize_act(x, q.dtype) (groups of 128 along hidden: the weights' K blocks)
+        # HINT: h = fused_gate_up_fp8(xq, q, *dispatch_tensors, top_k, x_scale=xs, config=cfg_up, out_dtype=x.dtype)
+        # HINT: hq, hs = quantize_act(h, q.dtype) (h is the down projection's input: its K is ffn)
+        # HINT: return down_combine_fp8(hq, q, topk_weights, *dispatch_tensors, h_scale=hs, deterministic=deterministic,
+        # HINT:                         config=cfg_down, out=out, out_dtype=x.dtype, acc=acc)
         xq, xs = quantize_act(x, q.dtype)
         h = fused_gate_up_fp8(xq, q, *dispatch_tensors, top_k, x_scale=xs, config=cfg_up, out_dtype=x.dtype)
         hq, hs = quantize_act(h, q.dtype)
         return down_combine_fp8(hq, q, topk_weights, *dispatch_tensors, h_scale=hs, deterministic=deterministic,
                                 config=cfg_down, out=out, out_dtype=x.dtype, acc=acc)
+        ### END SOLUTION
     h = fused_gate_up_fp8(x, q, *dispatch_tensors, top_k, config=cfg_up)
     return down_combine_fp8(h, q, topk_weights, *dispatch_tensors, deterministic=deterministic, config=cfg_down,
                             out=out, acc=acc)
 
 
-def _configs(M, x, q):
+def configs_for(M, x, q):
+    """(gate+up config, down config with the same BLOCK_M) for M tokens of x with experts q."""
     a_bytes = 1 if q.scheme == "block" else x.element_size()
     cfg_up = pick_config("fused_gate_up_fp8", M, a_bytes)
     cfg_down = pick_config("down_combine_fp8", M, a_bytes if q.scheme == "block" else x.element_size())
@@ -715,7 +734,7 @@ def fused_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
     dtype. Block scheme: x and the intermediate are quantised per token group (two small launches)."""
     from .fused_moe import dispatch
 
-    M, H, E, F = _check_x(x, q)
+    M, H, E, F = check_inputs(x, q)
     validate.tensor("topk_ids", topk_ids, ndim=2, dtypes=validate.INDEX_DTYPES, device=x.device)
     top_k = topk_ids.shape[1]
     validate.top_k(top_k, E)
@@ -723,13 +742,9 @@ def fused_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
     validate.tensor("topk_weights", topk_weights, shape=(M, top_k), dtypes=validate.FLOAT_DTYPES, device=x.device)
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    cfg_up, cfg_down = _configs(M, x, q)
-    ### BEGIN SOLUTION
-    # HINT: one dispatch with the gate+up config's BLOCK_M: d = dispatch(topk_ids, E, cfg_up.BLOCK_M)
-    # HINT: return _experts(x, topk_weights, q, top_k, d, cfg_up, cfg_down, deterministic, out, None)
-    d = dispatch(topk_ids, E, cfg_up.BLOCK_M)
-    return _experts(x, topk_weights, q, top_k, d, cfg_up, cfg_down, deterministic, out, None)
-    ### END SOLUTION
+    cfg_up, cfg_down = configs_for(M, x, q)
+    d = dispatch(topk_ids, E, cfg_up.BLOCK_M)    # one dispatch, with the gate+up config's BLOCK_M
+    return run_experts(x, topk_weights, q, top_k, d, cfg_up, cfg_down, deterministic, out)
 
 
 def fused_moe_fp8(x: torch.Tensor, router_logits: torch.Tensor, q: QuantizedExperts, top_k: int, *,
@@ -740,16 +755,16 @@ def fused_moe_fp8(x: torch.Tensor, router_logits: torch.Tensor, q: QuantizedExpe
     No host synchronisation: capturable in a CUDA graph."""
     from .fused_moe import route, route_dispatch, small_path
 
-    M, H, E, F = _check_x(x, q)
+    M, H, E, F = check_inputs(x, q)
     validate.tensor("router_logits", router_logits, shape=(M, E), dtypes=validate.FLOAT_DTYPES, device=x.device)
     validate.top_k(top_k, E)
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if small_path(M, E, top_k):
-        cfg_up, cfg_down = _configs(M, x, q)
+        cfg_up, cfg_down = configs_for(M, x, q)
         acc = None if deterministic else torch.empty((M, H), dtype=torch.float32, device=x.device)
         tw, _, *d = route_dispatch(router_logits, top_k, bool(renormalize), cfg_up.BLOCK_M, acc)
-        return _experts(x, tw, q, top_k, d, cfg_up, cfg_down, deterministic, out, acc)
+        return run_experts(x, tw, q, top_k, d, cfg_up, cfg_down, deterministic, out, acc)
     tw, ti = route(router_logits, top_k, bool(renormalize))
     return fused_experts_fp8(x, tw, ti, q, deterministic=deterministic, out=out)
 
