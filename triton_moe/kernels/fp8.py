@@ -48,6 +48,7 @@ from ..configs import KernelConfig, pick
 from ..mode import ON_GPU, check_interpreter_dtype, default_dtype
 from .down_combine import SUM_BLOCK_N, moe_sum_kernel
 from .fused_gate_up import blocks_bound, check_dispatch
+from .fused_moe import dispatch, route, route_dispatch, small_path
 
 __all__ = ["QuantizedExperts", "fp8_dtype", "fp8_format", "quantize_experts", "from_deepseek_v3_checkpoint",
            "quantize_act", "fused_gate_up_fp8", "down_combine_fp8", "fused_experts_fp8", "fused_moe_fp8",
@@ -732,8 +733,6 @@ def fused_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
                       *, deterministic: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`~triton_moe.kernels.fused_moe.fused_experts` with fp8 experts ``q``: ``[M, hidden]`` in x's
     dtype. Block scheme: x and the intermediate are quantised per token group (two small launches)."""
-    from .fused_moe import dispatch
-
     M, H, E, F = check_inputs(x, q)
     validate.tensor("topk_ids", topk_ids, ndim=2, dtypes=validate.INDEX_DTYPES, device=x.device)
     top_k = topk_ids.shape[1]
@@ -753,8 +752,6 @@ def fused_moe_fp8(x: torch.Tensor, router_logits: torch.Tensor, q: QuantizedExpe
     """:func:`~triton_moe.kernels.fused_moe.fused_moe` with fp8 experts ``q`` (softmax top-k routing on
     ``router_logits`` [M, E]); decode sizes route, dispatch and zero the combine buffer in one launch.
     No host synchronisation: capturable in a CUDA graph."""
-    from .fused_moe import route, route_dispatch, small_path
-
     M, H, E, F = check_inputs(x, q)
     validate.tensor("router_logits", router_logits, shape=(M, E), dtypes=validate.FLOAT_DTYPES, device=x.device)
     validate.top_k(top_k, E)
