@@ -30,9 +30,10 @@ S_OFFS = ("# Each column's scale row: its 128-row block (block scales) or itself
 
 BUGS = {
     # quantize_act
-    "scale-multiplied": (QUANT, [("q = round_to_fp8(x / scale, FP8_MAX, MIN_EXP)",
-                                  "q = round_to_fp8(x * scale, FP8_MAX, MIN_EXP)")], "MULTIPLIED"),
-    "scale-inverted": (QUANT, [("scale = tl.maximum(amax, 1e-10) / FP8_MAX", "scale = FP8_MAX / tl.maximum(amax, 1e-10)")],
+    "scale-multiplied": (QUANT, [("q = round_to_fp8(x / scale, FP8_MAX, MIN_EXP)\n",
+                                  "q = round_to_fp8(x * scale, FP8_MAX, MIN_EXP)\n")], "MULTIPLIED"),
+    "scale-inverted": (QUANT, [("scale = tl.maximum(amax, 1e-10) / FP8_MAX\n",
+                                "scale = FP8_MAX / tl.maximum(amax, 1e-10)\n")],
                        "inverse"),
     "fnuz-max-for-fn": (QUANT, [("fmax, min_exp = fp8_format(dtype)",
                                  "fmax, min_exp = fp8_format(torch.float8_e4m3fnuz)")], "fn/fnuz"),
@@ -45,7 +46,8 @@ BUGS = {
                                     "s_gate = tl.load(s1_ptr + s_offs + kb * stride_sn)"),
                                    ("s_up = tl.load(s3_ptr + s_offs + kb * stride_sk)",
                                     "s_up = tl.load(s3_ptr + s_offs + kb * stride_sn)")], "transposed"),
-    "activation-group-is-the-step": (GATE_UP, [("a_s = tl.load(xs_ptrs + kb * stride_xsk", "a_s = tl.load(xs_ptrs + k * stride_xsk")],
+    "activation-group-is-the-step": (GATE_UP, [("a_s = tl.load(xs_ptrs + kb * stride_xsk, mask=row_mask, other=0.0)\n",
+                                                "a_s = tl.load(xs_ptrs + k * stride_xsk, mask=row_mask, other=0.0)\n")],
                                      "(k * BLOCK_K) // GROUP_K"),
     "fp8-accumulator": (GATE_UP, [(GATE, "acc_gate = (acc_gate + tl.dot(a, w_gate) * (a_s[:, None] * s_gate[None, :]))"
                                          ".to(tl.float8e4nv).to(tl.float32)"),
@@ -63,8 +65,7 @@ BUGS = {
                        "K blocks"),
     "h-groups-of-64": (LAYER, [("hq, hs = quantize_act(h, q.dtype)\n", "hq, hs = quantize_act(h, q.dtype, group=64)\n")],
                        "K blocks"),
-    "x-not-quantised": (LAYER, [("h = fused_gate_up_fp8(xq, q, *dispatch_tensors, top_k, x_scale=xs",
-                                 "h = fused_gate_up_fp8(x, q, *dispatch_tensors, top_k, x_scale=xs")], "x must have dtype"),
+    "x-not-quantised": (LAYER, [("        h = fused_gate_up_fp8(xq, q,", "        h = fused_gate_up_fp8(x, q,")], "x must have dtype"),
 }
 
 

@@ -192,11 +192,12 @@ def nan_hint(got) -> str:
     bad = torch.isnan(got.detach().double().cpu())
     rows = bad.any(1).nonzero().flatten().tolist()
     whole = bool(bad[rows].all()) if rows else False
+    guard = ("a scale was read from the NaN guard just past a scale tensor: the K block of step k is kb = "
+             "(k * BLOCK_K) // GROUP_K (BLOCK_K is 64 here: two steps share one block, for the activation scale and "
+             "the weight's alike), the N block of column n is n // GROUP_N")
     if whole:
-        return (f"rows {ranges(rows)} were never written (the NaN poison is left): check the store mask and the early exit")
-    return (f"NaN in rows {ranges(rows)} (some columns): a scale was read from the NaN guard just past a scale tensor: the "
-            "K block of step k is kb = (k * BLOCK_K) // GROUP_K (BLOCK_K is 64 here: two steps share a block), the N "
-            "block of column n is n // GROUP_N")
+        return f"rows {ranges(rows)} hold NaN in every column: either they were never written (store mask, early exit) or {guard}"
+    return f"NaN in rows {ranges(rows)} (some columns): {guard}"
 
 
 # --------------------------------------------------------------------------------------------------
