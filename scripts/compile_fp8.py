@@ -29,10 +29,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--targets", default="sm_90,gfx942")
+    ap.add_argument("--only", default="", help="compile the launches whose label contains this text")
     args = ap.parse_args()
     failed = 0
     for label, launch in fp8.example_launches():
-        if not args.all and " M=1 " not in label:
+        if (not args.all and " M=1 " not in label) or args.only not in label:
             continue
         vendor = label.split()[-1]
         with cc.capture_launches(fp8.quantize_act_kernel, fp8.fused_gate_up_fp8_kernel, fp8.down_combine_fp8_kernel,
