@@ -22,6 +22,10 @@ the dtype the dots run in (bf16 ``torch.matmul`` 8192^3 for bf16 and weight-only
 
 Targets (issue 14): fp8 >= 1.8x faster than bf16 at M <= 32; >= 0.90 of the fp8 floor at M <= 128, >= 0.80
 beyond. The summary lists every cell as met or missed.
+
+``--sweep``: instead, time the whole fp8 layer (graphs, rotated inputs) with candidate (gate+up, down) configs
+at M = 1, 16, 128 per model and scheme, print the best and write ``ch08_fp8_sweep.json`` (under ``$OUT`` too):
+the input for replacing the untuned ``GPU_TABLES`` of ``triton_moe/kernels/fp8.py``.
 """
 from __future__ import annotations
 
@@ -87,14 +91,74 @@ def floor_of(shape, M, scheme, counts, read_bps, rate):
     return 1e3 * sum(floors) / len(floors)
 
 
+SWEEP_UP = [(16, 64, 128, 4, 4), (16, 32, 128, 4, 5), (16, 128, 128, 4, 3), (16, 64, 64, 4, 6)]
+SWEEP_DOWN = [(16, 64, 128, 4, 4, 2), (16, 64, 128, 4, 4, 1), (16, 32, 128, 4, 5, 2), (16, 64, 128, 4, 4, 4)]
+
+
+def sweep(models, R, dt8):
+    """Whole-layer timings of candidate configs (BLOCK_M 16 at decode; for M = 128 also BLOCK_M 32 and 64)."""
+    import json
+
+    import triton_moe.kernels.fp8 as f8
+    from triton_moe.configs import KernelConfig
+
+    orig = f8.pick_config
+    out = []
+    for key in models:
+        shape = MODELS[key]
+        k = shape.top_k
+        base = make_problem(shape, 1, torch.bfloat16, "cuda", seed=1234)
+        for scheme in ("block", "channel"):
+            q = quantize_experts(base.w1, base.w3, base.w2, scheme, dt8)
+            for M in (1, 16, 128):
+                sets = make_inputs(shape, M, base.router_weight, "uniform", [1000 * M + i for i in range(R)],
+                                   torch.bfloat16)
+                best = None
+                bms = (16,) if M < 128 else (16, 32, 64)
+                for bm in bms:
+                    for u in SWEEP_UP:
+                        for d in SWEEP_DOWN:
+                            up = KernelConfig(bm, *u[1:3], 8, *u[3:5])
+                            down = KernelConfig(bm, *d[1:3], 8, *d[3:5], extra={"SPLIT_K": d[5]})
+                            if scheme == "block" and (128 % up.BLOCK_K or 128 % down.BLOCK_K):
+                                continue
+                            f8.pick_config = lambda op, *a, up=up, down=down: up if op == "fused_gate_up_fp8" else down  # noqa: E731
+                            try:
+                                ms, _ = timed(lambda: [fused_moe_fp8(x, lg, q, k) for x, lg in sets], R)
+                            except Exception as exc:  # noqa: BLE001
+                                print(f"  {key} {scheme} M={M} {up} {down}: {type(exc).__name__} {str(exc)[:100]}")
+                                continue
+                            finally:
+                                f8.pick_config = orig
+                            out.append({"model": key, "scheme": scheme, "M": M, "up": up.meta(), "down": down.meta(),
+                                        "us": ms * 1e3})
+                            if best is None or ms < best[0]:
+                                best = (ms, up, down)
+                print(f"sweep {key:11s} {scheme:7s} M={M:4d} best {best[0] * 1e3:8.1f} us up {best[1].meta()} "
+                      f"down {best[2].meta()}", flush=True)
+                del sets
+            del q
+        del base
+        torch.cuda.empty_cache()
+    path = results_path("ch08_fp8_sweep").with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    if os.environ.get("OUT"):
+        shutil.copy(path, Path(os.environ["OUT"]) / path.name)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="mixtral,deepseek_v3")
     ap.add_argument("--M", default=None, help="comma-separated batch sizes (default: every BATCH_SIZES entry)")
     ap.add_argument("--quick", action="store_true", help=f"M in {QUICK_M}")
     ap.add_argument("--rotate", type=int, default=4, help="input sets per timed call (different experts)")
+    ap.add_argument("--sweep", action="store_true", help="time candidate configs instead (see the docstring)")
     args = ap.parse_args()
     mode.require_gpu("benchmarks/ch08_fp8.py")
+    if args.sweep:
+        return sweep(args.models.split(","), args.rotate, fp8_dtype())
     Ms = QUICK_M if args.quick else (tuple(int(m) for m in args.M.split(",")) if args.M else BATCH_SIZES)
     dt8 = fp8_dtype()
     meta, ceilings = start_run()
