@@ -381,25 +381,40 @@ def diagnose_channel(got, xd, q, topk_ids, tol) -> str:
 
 def layer_reference(x, topk_weights, topk_ids, q, dtype):
     """float64 layer on the dequantised weights, with x and the intermediate quantised as the layer does
-    (block scheme), the intermediate rounded to the activation dtype first (what the kernel stores)."""
-    w1, w3, w2 = (w.double().cpu() for w in q.dequantize())
+    (block scheme), the intermediate rounded to the activation dtype first (what the kernel stores).
+    One expert at a time on x's device (real shapes fit a GPU). Returns (output [M, hidden] on the CPU,
+    the intermediate the down projection saw, the activations the gate+up saw)."""
+    from ..kernels.fp8 import dequantize
+
+    dev = x.device
     M, k = topk_ids.shape
-    flat, tok = _slots(topk_ids)
+    H, ffn = x.shape[1], q.w1.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    tok = torch.arange(M * k, device=dev) // k
     if q.scheme == "block":
         xq, xs = quantize_act_reference(x, q.dtype)
-        xd = (xq.double().cpu() * xs.double().cpu().repeat_interleave(GROUP, 1)[:, :x.shape[1]])
+        xd = xq.double() * xs.double().repeat_interleave(GROUP, 1)[:, :H]
     else:
-        xd = x.double().cpu()
-    g = torch.einsum("sk,snk->sn", xd[tok], w1[flat])
-    u = torch.einsum("sk,snk->sn", xd[tok], w3[flat])
-    h = (F.silu(g) * u).to(dtype)
+        xd = x.double()
+    experts = [(e, (flat == e).nonzero().flatten()) for e in torch.unique(flat).tolist()]
+
+    def w(t, s, e):
+        return dequantize(t[e:e + 1], s[e:e + 1], q.scheme)[0].double()
+
+    h = torch.zeros(M * k, ffn, dtype=torch.float64, device=dev)
+    for e, s in experts:
+        h[s] = F.silu(xd[tok[s]] @ w(q.w1, q.w1_scale, e).T) * (xd[tok[s]] @ w(q.w3, q.w3_scale, e).T)
+    h = h.to(dtype)
     if q.scheme == "block":
         hq, hs = quantize_act_reference(h, q.dtype)
-        hd = hq.double() * hs.double().repeat_interleave(GROUP, 1)[:, :h.shape[1]]
+        hd = hq.double() * hs.double().repeat_interleave(GROUP, 1)[:, :ffn]
     else:
         hd = h.double()
-    y = torch.einsum("sk,snk->sn", hd, w2[flat]) * topk_weights.double().cpu().reshape(-1, 1)
-    return y.view(M, k, -1).sum(1), hd, xd
+    y = torch.zeros(M * k, H, dtype=torch.float64, device=dev)
+    for e, s in experts:
+        y[s] = hd[s] @ w(q.w2, q.w2_scale, e).T
+    y = y * topk_weights.double().reshape(-1, 1)
+    return y.view(M, k, -1).sum(1).cpu(), hd, xd
 
 
 @exercise("08", "fused_experts_fp8", points=2, kernels=("run_experts",),
