@@ -68,7 +68,7 @@ def read_bandwidth() -> float:
 
     x = torch.ones(1 << 30, dtype=torch.bfloat16, device="cuda")
     ms = tt.do_bench(lambda: x.sum(), warmup=25, rep=200, return_mode="median")
-    del x
+    x = None
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
@@ -81,7 +81,7 @@ def fp8_matmul_rate(dtype, n: int = 8192) -> float:
     one = torch.ones((), device="cuda")
     ms = tt.do_bench(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
                      warmup=25, rep=200, return_mode="median")
-    del a, b
+    a = b = None
     return 2 * n ** 3 / (ms * 1e-3)
 
 
@@ -136,9 +136,9 @@ def sweep(models, R, dt8):
                                 best = (ms, up, down)
                 print(f"sweep {key:11s} {scheme:7s} M={M:4d} best {best[0] * 1e3:8.1f} us up {best[1].meta()} "
                       f"down {best[2].meta()}", flush=True)
-                del sets
-            del q
-        del base
+                sets = None
+            q = None
+        base = None
         torch.cuda.empty_cache()
     path = results_path("ch08_fp8_sweep").with_suffix(".json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,8 +210,8 @@ def main() -> int:
                 else:
                     cells.append(f"{speed:.2f}x vs bf16")
                 summary.append(f"{shape.name:22s} M={M:5d} fp8 {scheme:7s}: " + "; ".join(cells))
-            del sets
-        del base, impls
+            sets = None
+        base = impls = None
         torch.cuda.empty_cache()
         write_rows(rows, results_path("ch08_fp8"))   # after each model: a later crash keeps the earlier rows
     text = "\n".join([f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; read "

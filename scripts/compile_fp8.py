@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton  # noqa: E402,F401  (before the flag below is set, as the cross-compile workers do)
 
-import triton_moe  # noqa: E402,F401
+import triton_moe  # noqa: E402,F401  (sets TRITON_INTERPRET on this GPU-less machine; undone below)
 from triton_moe import crosscompile as cc  # noqa: E402
 
 os.environ.pop("TRITON_INTERPRET", None)
