@@ -236,15 +236,17 @@ def test_layer_schemes_agree_with_the_dequantised_reference():
 
 
 def test_example_launches_record_without_a_gpu():
-    from triton_moe.crosscompile import capture_launches
+    from triton_moe.tools.crosscompile import capture_launches, simulate
 
     launches = fp8.example_launches()
     assert len(launches) >= 8
-    with capture_launches(fp8.quantize_act_kernel, fp8.fused_gate_up_fp8_kernel, fp8.down_combine_fp8_kernel,
-                          fp8.moe_sum_kernel) as got:
-        for _, launch in launches[:4]:
-            launch()
-    assert len(got) >= 4 * 3
+    for target in ("sm_90", "gfx942"):   # each simulated target launches its own fp8 (e4m3fn, e4m3fnuz)
+        with simulate(target), capture_launches(fp8.quantize_act_kernel, fp8.fused_gate_up_fp8_kernel,
+                                                fp8.down_combine_fp8_kernel, fp8.moe_sum_kernel) as got:
+            for _, launch in launches[:4]:
+                launch()
+        assert len(got) >= 4 * 3
+        assert any(getattr(a, "dtype", None) == fp8.fp8_dtype(target) for lc in got for a in lc.args)
 
 
 # --------------------------------------------------------------------------------------------------
