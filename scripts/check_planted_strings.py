@@ -26,7 +26,8 @@ class NoExecution:
         rep = (yield).get_result()
         text = str(rep.longrepr) if rep.failed else ""
         if "expected exactly once" in text:
-            self.broken.append((item.nodeid, next(l for l in text.splitlines() if "occurs" in l and "exactly once" in l).strip()))
+            line = next(l for l in text.splitlines() if "occurs" in l and "exactly once" in l)
+            self.broken.append((item.nodeid, line.strip()))
 
 
 if __name__ == "__main__":

@@ -179,7 +179,8 @@ def plot_times(rows: list[dict], title: str, model: str | None = None, routing: 
     ax.set_yscale("log")
     ax.set_xlabel("tokens M")
     ax.set_ylabel("median time (ms)")
-    ax.set_title(title + ("\n" + textwrap.fill(summary_line(rows), 90) if details else ""), fontsize=8 if details else 9)
+    ax.set_title(title + ("\n" + textwrap.fill(summary_line(rows), 90) if details else ""),
+                 fontsize=8 if details else 9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     return ax
