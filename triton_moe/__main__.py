@@ -57,9 +57,13 @@ def main(argv=None) -> int:
         print(f"wrote {a.out}")
         return 0
     if a.cmd == "sync":
-        from .notebooks import generate
+        from .notebooks import MarkerError, SourceError, generate
 
-        stale = generate(check_only=a.check)
+        try:
+            stale = generate(check_only=a.check)
+        except (MarkerError, SourceError) as exc:
+            print(f"sync: {exc}", file=sys.stderr)
+            return 1
         for s in stale:
             print(("stale: " if a.check else "wrote: ") + s)
         return 1 if (a.check and stale) else 0
