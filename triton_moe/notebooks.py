@@ -36,7 +36,6 @@ diffs stay readable. ``tests/test_exercise_sync.py`` fails when anything generat
 from __future__ import annotations
 
 import ast
-import importlib.util
 import re
 from pathlib import Path
 
@@ -176,12 +175,14 @@ class ModuleSource:
     """The top-level statements of a module, by the names they bind."""
 
     def __init__(self, module: str):
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            raise SourceError(f"no Python source for module {module!r}")
+        # The module of this checkout (not whatever copy sys.path finds first): solutions/ and it go together.
+        base = ROOT.joinpath(*module.split("."))
+        origin = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+        if not module.startswith("triton_moe") or origin is None:
+            raise SourceError(f"no Python source for module {module!r} in {ROOT}")
         self.module = module
-        self.package = module if spec.origin.endswith("__init__.py") else module.rpartition(".")[0]
-        self.text = Path(spec.origin).read_text()
+        self.package = module if origin.name == "__init__.py" else module.rpartition(".")[0]
+        self.text = origin.read_text()
         self.lines = self.text.split("\n")
         self.tree = ast.parse(self.text)
         self.defined: dict[str, ast.stmt] = {}      # name -> the def/class/assignment that binds it
