@@ -72,6 +72,8 @@ def test_generated_cell_refuses_private_and_unknown_names():
         generated_source("triton_moe.kernels.fused_moe", ["_vendor"])
     with pytest.raises(SourceError, match="defines no top-level"):
         generated_source("triton_moe.kernels.fused_moe", ["no_such_function"])
+    with pytest.raises(SourceError, match="exercise region"):
+        generated_source("triton_moe.kernels.grouped_gemm", ["grouped_gemm"])  # needs the kernel: show it
     with pytest.raises(SourceError, match="no Python source"):
         generated_source("triton_moe.no_such_module", ["x"])
 

@@ -292,6 +292,10 @@ def generated_source(module: str, show: list[str], known: set[str] = frozenset()
     if private:
         raise SourceError(f"{module}: the cell showing {show} would import private names {private}: make them "
                           "public in the package or show them too")
+    exercises = [n for n in needed if n in src.defined and BEGIN in src.segment(n)]
+    if exercises:
+        raise SourceError(f"{module}: the cell showing {show} would import {exercises}, which hold an exercise "
+                          "region: show them (the learner writes them) instead of importing the solution")
     out, prev_def = import_header(src, needed), None
     for s in show:
         is_def = not isinstance(src.defined[s], (ast.Assign, ast.AnnAssign))
