@@ -50,11 +50,12 @@ def test_exercises_carry_no_answer_pointers():
 
 
 def test_generated_cell_has_header_and_exact_source():
-    text, bound = generated_source("triton_moe.kernels.down_combine", ["SUM_BLOCK_N", "down_combine"])
-    assert text.startswith("import torch\nimport triton\n\nfrom triton_moe import validate\n")
+    text, bound = generated_source("triton_moe.kernels.down_combine", ["SUM_BLOCK_N", "down_combine_kernel",
+                                                                       "down_combine"])
+    assert text.startswith("import torch\nimport triton\nimport triton.language as tl\n\nfrom triton_moe import validate\n")
     assert "from triton_moe.kernels.fused_gate_up import " in text      # where the module itself imports it
-    assert "from triton_moe.kernels.down_combine import down_combine_kernel, moe_sum_kernel" in text
-    assert "\n\nSUM_BLOCK_N = 1024\n\n\ndef down_combine(" in text
+    assert "from triton_moe.kernels.down_combine import moe_sum_kernel" in text   # a name the module defines
+    assert "\n\nSUM_BLOCK_N = 1024\n\n\n@triton.jit" in text and "\n\n\ndef down_combine(" in text
     assert {"SUM_BLOCK_N", "down_combine", "validate", "down_combine_kernel"} <= bound
     again, _ = generated_source("triton_moe.kernels.down_combine", ["down_combine"], known=bound)
     assert again.startswith("def down_combine("), "names bound by earlier generated cells are not imported again"
