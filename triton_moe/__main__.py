@@ -3,7 +3,7 @@
     info                          mode (CPU interpreter or GPU), versions, device
     check [NOTEBOOK ...]          check your chapter notebooks (default: chapters/*.ipynb) and print a table
     grade FOLDER --out CSV        grade a folder of submissions (teachers); --seed for unseen inputs
-    sync [--check]                regenerate chapters/ from solutions/ (or only report what is stale)
+    sync [--check]                regenerate solution cells from the package, then chapters/ (or report what is stale)
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def main(argv=None) -> int:
     g.add_argument("--out", type=Path, default=Path("grades.csv"))
     g.add_argument("--seed", type=int, default=None, help="inputs the learners never saw")
     g.add_argument("--timeout", type=float, default=600, help="seconds per notebook")
-    s = sub.add_parser("sync", help="regenerate chapters/ from solutions/")
-    s.add_argument("--check", action="store_true", help="only report stale exercise notebooks")
+    s = sub.add_parser("sync", help="regenerate solution cells from the package, then chapters/ from solutions/")
+    s.add_argument("--check", action="store_true", help="only report stale solution cells and exercise notebooks")
     a = ap.parse_args(argv)
 
     if a.cmd == "info":
@@ -57,9 +57,13 @@ def main(argv=None) -> int:
         print(f"wrote {a.out}")
         return 0
     if a.cmd == "sync":
-        from .notebooks import generate
+        from .notebooks import MarkerError, SourceError, generate
 
-        stale = generate(check_only=a.check)
+        try:
+            stale = generate(check_only=a.check)
+        except (MarkerError, SourceError) as exc:
+            print(f"sync: {exc}", file=sys.stderr)
+            return 1
         for s in stale:
             print(("stale: " if a.check else "wrote: ") + s)
         return 1 if (a.check and stale) else 0

@@ -1,5 +1,6 @@
 """Chapter 1's solutions as importable baselines: the benchmarks of later chapters time the naive loop
-beside their kernels. The chapter 1 notebook mirrors these definitions (tests/test_mirrors.py)."""
+beside their kernels. The chapter 1 notebook shows these definitions (``python -m triton_moe sync`` copies
+them into it); the ``### BEGIN/END SOLUTION`` and ``# HINT:`` comments mark its exercises (docs/authoring.md)."""
 from __future__ import annotations
 
 import torch
@@ -8,14 +9,20 @@ import torch.nn.functional as F
 
 def route_topk(logits: torch.Tensor, top_k: int):
     """logits: [M, E] router scores. Returns (topk_weights float32 [M, top_k], topk_ids [M, top_k])."""
+    ### BEGIN SOLUTION
+    # HINT: torch.softmax(logits.float(), dim=-1), then torch.topk(..., top_k, dim=-1), then divide by the sum
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     return weights / weights.sum(dim=-1, keepdim=True), ids
+    ### END SOLUTION
 
 
 def moe_forward_loop(x, topk_weights, topk_ids, w1, w3, w2):
     """x: [M, hidden]; topk_weights: [M, k] float32; topk_ids: [M, k];
     w1, w3: [E, ffn, hidden] (gate, up); w2: [E, hidden, ffn] (down). Returns [M, hidden] in x.dtype."""
+    ### BEGIN SOLUTION
+    # HINT: out = zeros(float32); for e in range(E): token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+    # HINT: y = (silu(h @ w1[e].T) * (h @ w3[e].T)) @ w2[e].T; out.index_add_(0, token, y * weight[:, None])
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for e in range(w1.shape[0]):
         token, slot = torch.nonzero(topk_ids == e, as_tuple=True)
@@ -25,6 +32,7 @@ def moe_forward_loop(x, topk_weights, topk_ids, w1, w3, w2):
         y = (F.silu(h @ w1[e].T) * (h @ w3[e].T)) @ w2[e].T
         out.index_add_(0, token, y.float() * topk_weights[token, slot, None])
     return out.to(x.dtype)
+    ### END SOLUTION
 
 
 def grouped_mm_experts(x, topk_weights, topk_ids, w1t, w3t, w2t):

@@ -10,9 +10,9 @@ Writing a checker::
     def check_moe_forward_loop(fn, seed):
         ...                     # raise CheckFailure("what is wrong", hint="what to try") on a problem
 
-The decorator registers it (see :mod:`triton_moe.exercises`) and turns exceptions into results:
-``NotImplementedError`` or an untouched stub -> "not attempted"; ``CheckFailure`` -> "failed";
-any other exception -> "failed" with the exception named.
+The decorator registers it in ``REGISTRY`` (importing :mod:`triton_moe.checks` fills it) and turns
+exceptions into results: ``NotImplementedError`` or an untouched stub -> "not attempted"; ``CheckFailure``
+-> "failed"; any other exception -> "failed" with the exception named.
 """
 from __future__ import annotations
 

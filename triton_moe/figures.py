@@ -39,31 +39,52 @@ def routing_picture(topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts:
     return ax
 
 
-def roofline(shapes: list[MoEShape], bytes_per_s: float, flops_per_s: float, label: str, ax=None,
+def roofline(shapes: list[MoEShape], bytes_per_s: float, flops_per_s: float, label: str, axes=None,
              tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)):
-    """Arithmetic intensity (FLOP per byte moved) of each model's MoE layer against M, on the roofline
-    of one device: attainable FLOP/s = min(peak, intensity * bandwidth)."""
+    """Two panels. Left: each model's arithmetic intensity (FLOP per byte moved) against M, with the device's
+    ridge point: where a model's curve crosses it, the layer turns from memory-bound to compute-bound. Right:
+    those intensities placed on the roofline of the device, attainable FLOP/s = min(peak, intensity *
+    bandwidth). (On the roofline itself every model lies on the same line, so the left panel is what tells
+    them apart.) Returns the two axes."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 4))
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    left, right = axes
     ridge = flops_per_s / bytes_per_s
-    xs = np.logspace(-0.5, 4, 200)
-    ax.plot(xs, np.minimum(flops_per_s, xs * bytes_per_s) / 1e12, "k-", lw=2, label=f"roofline: {label}")
-    ax.axvline(ridge, color="gray", ls=":", lw=1)
-    ax.text(ridge * 1.1, flops_per_s / 1e12 * 0.05, f"ridge {ridge:.0f} FLOP/B", fontsize=8, color="gray")
+    markers = "osD^v"
     for n, s in enumerate(shapes):
         inten = [s.flops(m) / (s.weight_bytes(m) + s.activation_bytes(m)) for m in tokens]
+        color, marker = f"C{n}", markers[n % len(markers)]
+        left.plot(tokens, inten, marker=marker, ms=4, color=color, label=f"{s.name} (E={s.experts}, top-{s.top_k})")
+        crossing = next((m for m, i in zip(tokens, inten) if i >= ridge), None)
+        if crossing:
+            left.annotate(f"M={crossing}", (crossing, ridge), xytext=(4, -12 - 10 * n), textcoords="offset points",
+                          fontsize=7, color=color)
         attain = [min(flops_per_s, i * bytes_per_s) / 1e12 for i in inten]
-        ax.plot(inten, attain, "o-", ms=3, label=s.name)
-        for m, i, a in zip(tokens, inten, attain):
-            if n == 0 and m in (1, 16, 256, 4096):
-                ax.annotate(f"M={m}", (i, a), fontsize=7, xytext=(3, -10), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
-    ax.set_ylabel("attainable TFLOP/s")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    return ax
+        right.plot(inten, attain, linestyle="none", marker=marker, ms=7 - 1.5 * n, color=color,
+                   markerfacecolor="none" if n else color, label=s.name)
+    left.axhline(ridge, color="gray", ls=":", lw=1)
+    left.text(tokens[0], ridge * 1.15, f"ridge of {label.split(' (')[0]}: {ridge:.0f} FLOP/B", fontsize=8,
+              color="gray")
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xlabel("tokens M")
+    left.set_ylabel("FLOP per byte moved")
+    left.set_title("arithmetic intensity of the MoE layer (bf16, uniform routing)", fontsize=9)
+    left.legend(fontsize=8)
+    left.grid(True, which="both", alpha=0.3)
+
+    xs = np.logspace(-0.5, 4, 200)
+    right.plot(xs, np.minimum(flops_per_s, xs * bytes_per_s) / 1e12, "k-", lw=1.5, label="roofline", zorder=0)
+    right.axvline(ridge, color="gray", ls=":", lw=1)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("arithmetic intensity (FLOP per byte moved)")
+    right.set_ylabel("attainable TFLOP/s")
+    right.set_title(f"roofline: {label}", fontsize=9)
+    right.legend(fontsize=8, loc="lower right")
+    right.grid(True, which="both", alpha=0.3)
+    plt.tight_layout()
+    return axes

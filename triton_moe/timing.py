@@ -150,11 +150,20 @@ def summary_line(rows: list[dict]) -> str:
             f"{r['date']}; ceilings {r['copy_GBps']:.0f} GB/s copy, {r['matmul_TFLOPs']:.0f} TFLOP/s bf16")
 
 
-def plot_times(rows: list[dict], title: str, model: str | None = None, routing: str = "uniform", ax=None):
-    """Time against M per implementation, with the floor; log-log. Returns the axes."""
+def plot_times(rows: list[dict], title: str, model: str | None = None, routing: str = "uniform", ax=None,
+               details: bool | None = None):
+    """Time against M per implementation, with the floor; log-log. Returns the axes.
+
+    ``details`` (default: only when this call makes its own figure) adds the run's device, versions and
+    ceilings under the title. A figure of several panels should say them once, with
+    ``fig.suptitle(summary_line(rows))``: repeated in every panel title they overlap the neighbours."""
+    import textwrap
+
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if (model is None or r["model"] == model) and r["routing"] == routing]
+    if details is None:
+        details = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
     if not rows:
@@ -170,7 +179,8 @@ def plot_times(rows: list[dict], title: str, model: str | None = None, routing: 
     ax.set_yscale("log")
     ax.set_xlabel("tokens M")
     ax.set_ylabel("median time (ms)")
-    ax.set_title(f"{title}\n{summary_line(rows)}", fontsize=8)
+    ax.set_title(title + ("\n" + textwrap.fill(summary_line(rows), 90) if details else ""),
+                 fontsize=8 if details else 9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     return ax

@@ -177,10 +177,10 @@ def route_dispatch(router_logits: torch.Tensor, top_k: int, renormalize: bool, b
     return weights, ids, sorted_token_ids, expert_ids, num_post
 
 
-def _fused_moe_small(x, router_logits, w1, w3, w2, top_k, renormalize, deterministic, out):
+def fused_moe_small(x, router_logits, w1, w3, w2, top_k, renormalize, deterministic, out):
     """:func:`fused_moe` at decode sizes: routing + dispatch + zeroing (one launch), gate+up, down+combine,
     and the cast (or the ordered sum): 4 launches."""
-    M, H, E, F = _check_weights(x, w1, w3, w2)
+    M, H, E, F = check_weights(x, w1, w3, w2)
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     cfg_up = pick_config("fused_gate_up", M, H, F, E, top_k)
@@ -197,7 +197,9 @@ def _fused_moe_small(x, router_logits, w1, w3, w2, top_k, renormalize, determini
 # The public functions
 
 
-def _check_weights(x, w1, w3, w2):
+def check_weights(x, w1, w3, w2):
+    """Validate x: [M, hidden] and the stacked w1, w3: [E, ffn, hidden], w2: [E, hidden, ffn]; return
+    (M, hidden, E, ffn)."""
     validate.tensor("x", x, ndim=2, dtypes=validate.FLOAT_DTYPES, nonempty=True)
     M, H = x.shape
     check_interpreter_dtype("x", x.dtype)
@@ -220,7 +222,7 @@ def fused_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     every id in [0, E) (not checked: that would need a host synchronisation); w1, w3: [E, ffn, hidden];
     w2: [E, hidden, ffn]. Returns [M, hidden] in x's dtype (into ``out`` if given).
     ``deterministic=True``: bit-identical results run to run (no atomics; a little slower)."""
-    M, H, E, F = _check_weights(x, w1, w3, w2)
+    M, H, E, F = check_weights(x, w1, w3, w2)
     validate.tensor("topk_ids", topk_ids, ndim=2, dtypes=validate.INDEX_DTYPES, device=x.device)
     top_k = topk_ids.shape[1]
     validate.top_k(top_k, E)
@@ -250,12 +252,12 @@ def fused_moe(x: torch.Tensor, router_logits: torch.Tensor, w1: torch.Tensor, w3
     Mixtral: ``renormalize=True``; Qwen3-MoE: ``renormalize=config.norm_topk_prob``. For other routers
     (DeepSeek-V3's grouped sigmoid router) compute the top-k yourself and call :func:`fused_experts`.
     Shapes as in :func:`fused_experts`. No host synchronisation: capturable in a CUDA graph."""
-    M, H, E, F = _check_weights(x, w1, w3, w2)
+    M, H, E, F = check_weights(x, w1, w3, w2)
     validate.tensor("router_logits", router_logits, shape=(M, E), dtypes=validate.FLOAT_DTYPES + (torch.float64,),
                     device=x.device)
     validate.top_k(top_k, E)
     if small_path(M, E, top_k):  # decode: routing, dispatch and zeroing in one launch (4 launches in all)
-        return _fused_moe_small(x, router_logits, w1, w3, w2, top_k, bool(renormalize), deterministic, out)
+        return fused_moe_small(x, router_logits, w1, w3, w2, top_k, bool(renormalize), deterministic, out)
     topk_weights, topk_ids = route(router_logits, top_k, bool(renormalize))
     return fused_experts(x, topk_weights, topk_ids, w1, w3, w2, deterministic=deterministic, out=out)
 
