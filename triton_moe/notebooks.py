@@ -309,7 +309,11 @@ def generated_source(module: str, show: list[str], known: set[str] = frozenset()
 def sync_solution(nb, where: str = "") -> list[tuple[int, str]]:
     """Rewrite the generated cells of a solution notebook in place; return (cell index, module) of those
     that changed."""
-    changed, known = [], set()
+    changed = []
+    # Names any generated cell of the notebook shows are the notebook's own (a class shown first may call a
+    # function the learner writes further down): never imported from the solution module.
+    known = {name for cell in nb.cells if cell.cell_type == "code" and cell.metadata.get(META_KEY)
+             for name in cell.metadata[META_KEY].get("show", [])}
     for k, cell in enumerate(nb.cells):
         meta = cell.metadata.get(META_KEY) if cell.cell_type == "code" else None
         if not meta:
