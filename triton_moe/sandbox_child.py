@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import linecache
 import os
 import struct
 import sys
@@ -166,15 +167,17 @@ def main(fd_in: int, fd_out: int) -> None:
     names, cells, stem = hello["names"], hello["cells"], hello["stem"]
     ns: dict = {"__name__": "__main__", "display": print}
     errors, cell_files = [], {}
-    os.makedirs("cells", exist_ok=True)
+    cells_dir = os.path.abspath("cells")
     for number, src in cells:
         chan.send({"op": "cell", "cell": number})
-        path = os.path.abspath(os.path.join("cells", f"{stem}_cell_{number:02d}.py"))
-        with open(path, "w") as f:
-            f.write(_strip_magics(src))
+        # The cell's source lives only in memory (linecache), under a file name that says which cell it is:
+        # @triton.jit and tracebacks read it from there, and no neighbour running beside it can read it.
+        path = os.path.join(cells_dir, f"{stem}_cell_{number:02d}.py")
+        code = _strip_magics(src)
+        linecache.cache[path] = (len(code), None, [ln + "\n" for ln in code.split("\n")], path)
         cell_files[path] = number
         try:
-            exec(compile(_strip_magics(src), path, "exec"), ns)
+            exec(compile(code, path, "exec"), ns)
         except BaseException as exc:  # noqa: BLE001  (a learner's SystemExit must not end serving)
             text, where = _location(exc)
             errors.append(f"cell {number}: {text}" + (f" ({where})" if where and not where.startswith(f"cell {number},") else ""))
