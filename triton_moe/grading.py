@@ -416,6 +416,7 @@ class Submission:
     name: str
     notebooks: list = field(default_factory=list)    # Notebook objects to grade
     notes: list = field(default_factory=list)
+    is_folder: bool = False
 
 
 def collect(folder: Path, exclude: tuple = ()) -> list[Submission]:
@@ -438,7 +439,7 @@ def collect(folder: Path, exclude: tuple = ()) -> list[Submission]:
         if os.path.realpath(entry) in excluded or entry.name.startswith("."):
             continue
         if entry.is_dir():
-            sub = Submission(entry.name)
+            sub = Submission(entry.name, is_folder=True)
             for f in sorted(entry.rglob("*")):
                 rel = f.relative_to(entry).as_posix()
                 if not f.is_file() or os.path.realpath(f) in excluded:
@@ -465,8 +466,7 @@ def collect(folder: Path, exclude: tuple = ()) -> list[Submission]:
     for same in by_name.values():
         if len(same) > 1:
             for s in same:
-                s.name = s.name + ("/" if (folder / s.name).is_dir() else
-                                   next((p.path.suffix for p in s.notebooks), ""))
+                s.name = s.name + ("/" if s.is_folder else next((p.path.suffix for p in s.notebooks), ""))
             shown = ", ".join(s.name for s in same)
             for s in same:
                 s.notes.append(f"the learner name is used {len(same)} times ({shown}): graded separately")

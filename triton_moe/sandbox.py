@@ -103,7 +103,8 @@ UNAVAILABLE = "not available while grading: write it yourself in the notebook"
 ANSWER_MODULES = {"triton_moe/baselines.py": None, "triton_moe/reference.py": {
     "route_reference", "expert_mlp_reference", "swiglu_intermediate_reference", "moe_reference",
     "expert_contributions", "sorted_dispatch_reference"}}
-# Host functions of a later chapter's module that compute an earlier exercise's answer with torch.
+# Host functions of a later chapter's module that compute an earlier exercise's answer (replaced while an
+# earlier chapter is graded; the chapter that owns them may use them).
 LATER_ANSWERS = {"route", "dispatch"}
 
 
@@ -178,7 +179,7 @@ def private_package(chapter: str) -> dict[str, bytes]:
                 later = own is not None and own >= chapter
                 if later and "### BEGIN SOLUTION" in text:
                     text = strip_solutions(text, rel)
-                text = _neutralise(text, rel, later)
+                text = _neutralise(text, rel, own is not None and own > chapter)
                 data = text.encode()
             files[rel] = data
         _PACKAGE_CACHE[chapter] = files
