@@ -336,11 +336,12 @@ class Exercise:
         return bool(self.kernels) or (getattr(fn, "_kind", None) == "jit") or (hasattr(fn, "run") and hasattr(fn, "fn"))
 
     def run(self, fn, seed: int | None = None, namespace: dict | None = None, untouched: bool | None = None,
-            judge_launches: bool = True) -> CheckResult:
+            judge_launches: bool | None = None) -> CheckResult:
         """Run the checker on ``fn``. ``untouched`` (the grader decides it from the notebook's source)
         overrides looking at the stub marker of ``fn`` and the exercise's kernels in ``namespace``. A
         ``fn`` with a ``launch_records`` list (the grader's proxy) reports the kernels its calls launched;
-        otherwise launches in this process are recorded."""
+        otherwise launches in this process are recorded. ``judge_launches`` (default: unless ``fn`` is the
+        course's own code, as in the tests of the package's kernels) applies :meth:`launch_problem`."""
         if fn is None:
             return CheckResult(self.key, NOT_ATTEMPTED, f"no function named {self.name!r} was defined",
                                hint="run the cell that defines it (and keep its name)")
@@ -369,6 +370,8 @@ class Exercise:
             return CheckResult(self.key, status, f"{prefix}your code raised {text}" + (f" (at {where})" if where else ""),
                                hint=self.hint, seed=seed)
         launches = list(here) + list(getattr(fn, "launch_records", []))
+        if judge_launches is None:
+            judge_launches = hasattr(fn, "launch_records") or not _from_package(fn)
         problem = self.launch_problem(fn, launches) if judge_launches else ""
         if problem:
             return CheckResult(self.key, NOT_ATTEMPTED if untouched else FAILED, problem, self.hint, seed)
@@ -405,6 +408,14 @@ class Exercise:
         print(result)
         result._printed = True
         return result
+
+
+def _from_package(fn) -> bool:
+    """True for a function (or kernel) whose code lives in this package."""
+    while hasattr(fn, "fn") and not hasattr(fn, "__code__"):
+        fn = fn.fn
+    filename = getattr(getattr(fn, "__code__", None), "co_filename", "") or ""
+    return os.path.abspath(filename).startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 def _caller_globals() -> dict:

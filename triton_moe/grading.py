@@ -298,8 +298,13 @@ def check_notebooks(paths: list[Path], seed: int | None = None, timeout: float =
         g = grade_notebook(Path(p), seed, timeout, only)
         return [{"notebook": Path(p).name, "path": str(p), **r} for r in g.results]
 
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        return [r for rows in pool.map(one, paths) for r in rows]
+    from .sandbox import end_of_run
+
+    try:
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            return [r for rows in pool.map(one, paths) for r in rows]
+    finally:
+        end_of_run()
 
 
 def replay_command(row: dict) -> str:
@@ -591,13 +596,18 @@ def grade_folder(folder: Path, out_csv: Path, seed: int | None = None, timeout: 
             rows[s.name] = row_of(s)
         flush()
 
-    with ThreadPoolExecutor(max(1, jobs or os.cpu_count() or 1)) as pool:
-        list(pool.map(one, work))
-    # A change to the repository while several notebooks ran: grade those again, one at a time.
-    for s, nb in work:
-        if id(nb) in guard.to_regrade:
-            guard.to_regrade.discard(id(nb))
-            one((s, nb))
-            rows[s.name] = row_of(s)
+    from .sandbox import end_of_run
+
+    try:
+        with ThreadPoolExecutor(max(1, jobs or os.cpu_count() or 1)) as pool:
+            list(pool.map(one, work))
+        # A change to the repository while several notebooks ran: grade those again, one at a time.
+        for s, nb in work:
+            if id(nb) in guard.to_regrade:
+                guard.to_regrade.discard(id(nb))
+                one((s, nb))
+                rows[s.name] = row_of(s)
+    finally:
+        end_of_run()  # the fork server and anything a child left behind
     flush()
     return [rows[s.name] for s in subs]

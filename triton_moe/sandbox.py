@@ -57,6 +57,187 @@ sys.exit(rc if rc >= 0 else 128 - rc)
 """
 
 
+ZYGOTE_CODE = r"""
+import json, os, signal, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+import torch, triton, triton.language, numpy  # the slow imports, once; no learner code ever runs here
+try:
+    import triton.runtime.interpreter
+except ImportError:
+    pass
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # nannies are reaped automatically
+sock.sendall(b"up\n")
+while True:
+    try:
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
+    except OSError:
+        os._exit(0)
+    if not msg:
+        os._exit(0)
+    req = json.loads(msg)
+    p2c_r, c2p_w, out_w, status_w = fds
+    pid = os.fork()
+    if pid == 0:  # the nanny: a session of its own; the learner's process is its child
+        try:
+            sock.close()
+            os.setsid()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            child = os.fork()
+            if child == 0:
+                os.close(status_w)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.dup2(out_w, 1)
+                os.dup2(out_w, 2)
+                os.close(out_w)
+                os.chdir(req["dir"])
+                os.environ.clear()
+                os.environ.update(req["env"])
+                sys.path[:0] = [req["dir"]]
+                sys.argv = ["sandbox_child"]
+                from triton_moe.sandbox_child import run
+                run(p2c_r, c2p_w)
+                os._exit(0)
+            for fd in (p2c_r, c2p_w, out_w):
+                os.close(fd)
+            os.write(status_w, b"c%d\n" % child)
+            _, status = os.waitpid(child, 0)
+            rc = os.waitstatus_to_exitcode(status)
+            os.write(status_w, b"r%d\n" % (rc if rc >= 0 else 128 - rc))
+        finally:
+            os._exit(0)
+    for fd in fds:
+        os.close(fd)
+    sock.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+"""
+
+
+class _ForkedNanny:
+    """The nanny of a child forked by the zygote: its pid (= its session and process group) and the exit
+    code it reports through a pipe. Quacks like the Popen it replaces."""
+
+    def __init__(self, pid: int, status_r: int):
+        self.pid, self.status_r, self.rc, self.child, self.buf = pid, status_r, None, None, b""
+
+    def poll(self):
+        while self.rc is None and self.status_r is not None:
+            r, _, _ = select.select([self.status_r], [], [], 0)
+            if not r:
+                break
+            data = os.read(self.status_r, 64)
+            if not data:  # the nanny is gone without a word: it was killed
+                os.close(self.status_r)
+                self.status_r = None
+                self.rc = -9
+                break
+            self.buf += data
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                if line.startswith(b"c") and line[1:].isdigit():
+                    self.child = int(line[1:])
+                elif line.startswith(b"r"):
+                    try:
+                        self.rc = int(line[1:])
+                    except ValueError:
+                        self.rc = -9
+        return self.rc
+
+    def wait(self, timeout=None):
+        end = time.monotonic() + (timeout or 0)
+        while self.poll() is None:
+            if time.monotonic() >= end:
+                raise subprocess.TimeoutExpired("nanny", timeout)
+            time.sleep(0.05)
+        return self.rc
+
+
+class Zygote:
+    """A fork server: one process that imported torch and Triton (nothing of the course, no learner code)
+    forks each child, so a notebook's start-up does not pay those imports again (seconds each)."""
+
+    def __init__(self):
+        self.proc, self.sock, self.lock = None, None, threading.Lock()
+        self.token = secrets.token_hex(16)  # carried by every process it forks (see kill_token)
+
+    def _start(self, env):
+        import socket
+
+        if self.proc is not None:
+            self.stop()
+        mine, theirs = socket.socketpair()
+        zenv = dict(env)
+        zenv[TOKEN_VAR] = self.token
+        zenv["PYTHONPATH"] = os.pathsep.join(child_sys_path())
+        self.proc = subprocess.Popen([sys.executable, "-S", "-c", ZYGOTE_CODE, str(theirs.fileno())],
+                                     env=zenv, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                     start_new_session=True, cwd=tempfile.gettempdir())
+        theirs.close()
+        self.sock = mine
+        self.sock.settimeout(300)
+        self._line()  # "up": the imports are done
+
+    def _line(self) -> bytes:
+        buf = b""
+        while not buf.endswith(b"\n"):
+            b = self.sock.recv(4096)
+            if not b:
+                raise OSError("the fork server ended")
+            buf += b
+        return buf
+
+    def spawn(self, directory: str, env: dict, p2c_r: int, c2p_w: int, out_w: int) -> _ForkedNanny:
+        import json
+        import socket
+
+        status_r, status_w = os.pipe()
+        try:
+            with self.lock:
+                for attempt in (0, 1):
+                    try:
+                        if self.proc is None or self.proc.poll() is not None:
+                            self._start(env)
+                        socket.send_fds(self.sock, [json.dumps({"dir": directory, "env": env}).encode()],
+                                        [p2c_r, c2p_w, out_w, status_w])
+                        pid = json.loads(self._line())["pid"]
+                        return _ForkedNanny(int(pid), status_r)
+                    except (OSError, ValueError, KeyError):
+                        if attempt:
+                            raise
+                        self.stop()
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.proc.wait()
+            self.proc = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        kill_token(self.token)
+
+
+ZYGOTE = Zygote()
+USE_ZYGOTE = hasattr(os, "fork") and os.environ.get("TRITON_MOE_NO_ZYGOTE") != "1"
+
+
+def end_of_run() -> None:
+    """Stop the fork server and kill whatever any child of this run left behind."""
+    ZYGOTE.stop()
+
+
+import atexit as _atexit  # noqa: E402
+
+_atexit.register(end_of_run)
+
+
 class ChildDied(BaseException):
     """The learner's process ended (exit, crash, kill) or stopped answering. A BaseException so that a
     checker's ``except Exception`` cannot mistake it for the learner's error."""
@@ -295,12 +476,17 @@ class Child:
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_MOE_SEED", "PYTHONPATH", "PYTHONSTARTUP")}
         env.update(TRITON_MOE_GRADING="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1",
                    PYTHONPATH=os.pathsep.join([str(self.dir)] + child_sys_path()), **{TOKEN_VAR: self.token})
-        child_cmd = [sys.executable, "-S", "-m", "triton_moe.sandbox_child", str(p2c_r), str(c2p_w)]
         try:
-            self.nanny = subprocess.Popen(
-                [sys.executable, "-S", "-c", NANNY, str(p2c_r), str(c2p_w), *child_cmd],
-                cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
-                pass_fds=(p2c_r, c2p_w), start_new_session=True)
+            self.nanny = ZYGOTE.spawn(str(self.dir), env, p2c_r, c2p_w, out_w) if USE_ZYGOTE else None
+        except OSError:
+            self.nanny = None
+        try:
+            if self.nanny is None:  # no fork server: start Python afresh (slower: imports torch again)
+                child_cmd = [sys.executable, "-S", "-m", "triton_moe.sandbox_child", str(p2c_r), str(c2p_w)]
+                self.nanny = subprocess.Popen(
+                    [sys.executable, "-S", "-c", NANNY, str(p2c_r), str(c2p_w), *child_cmd],
+                    cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
+                    pass_fds=(p2c_r, c2p_w), start_new_session=True)
         finally:
             for fd in (p2c_r, c2p_w, out_w):
                 os.close(fd)
@@ -486,6 +672,15 @@ class Child:
             os.killpg(self.nanny.pid, signal.SIGKILL)
         except OSError:
             pass
+        child = getattr(self.nanny, "child", None)
+        if child is None and hasattr(self.nanny, "poll"):
+            self.nanny.poll()
+            child = getattr(self.nanny, "child", None)
+        if child:
+            try:  # the learner's process may have left the nanny's session (os.setsid)
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
         kill_token(self.token)
         try:
             self.nanny.wait(timeout=5)

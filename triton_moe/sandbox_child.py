@@ -230,11 +230,15 @@ def _serve_call(chan, ns, msg, cell_files):
     chan.send(reply)
 
 
-if __name__ == "__main__":
+def run(fd_in: int, fd_out: int) -> None:
     try:
-        main(int(sys.argv[1]), int(sys.argv[2]))
+        main(fd_in, fd_out)
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(3)
     os._exit(0)
+
+
+if __name__ == "__main__":
+    run(int(sys.argv[1]), int(sys.argv[2]))
