@@ -1,8 +1,8 @@
 """Teacher grading: every submission runs in its own subprocess with a timeout, so a wrong, a crashing
 and a hanging submission cost only their own points. Also the learner's check table."""
 import csv
-import json
-import shutil
+import os
+import tempfile
 
 import nbformat
 import pytest
@@ -112,3 +112,62 @@ def test_correct_answer_that_kept_the_marker_passes():
     exec(compile(f.read_text(), str(f), "exec"), ns)
     r = ex.run(ns["g"], seed=1)
     assert r.status == "not attempted" and "delete that line" in r.message
+
+
+def test_the_csv_is_complete_even_when_the_grader_itself_fails(tmp_path, monkeypatch):
+    import triton_moe.grading as grading
+
+    sol = notebook("solutions", "00")
+    _variant(sol, tmp_path / "subs" / "amy" / sol.name)
+    _variant(sol, tmp_path / "subs" / "ben.ipynb")
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug in the grader")
+
+    monkeypatch.setattr(grading, "grade_notebook", broken)
+    out = tmp_path / "g.csv"
+    grade_folder(tmp_path / "subs", out, seed=3, jobs=2, guard=grading.RepoGuard(tmp_path / "norepo"))
+    rows = {r["submission"]: r for r in csv.DictReader(open(out))}
+    assert set(rows) == {"amy", "ben"} and all(r["00:axpb"] == "0" for r in rows.values())
+    assert all("the grader failed on it: RuntimeError: a bug in the grader" in r["notes"] for r in rows.values())
+
+
+def test_exec_notebook_leaves_no_cell_files(tmp_path):
+    import glob
+    import triton_moe.grading as grading
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "triton_moe_cells_*")))
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("y = 1 + 1")])
+    nbformat.write(nb, tmp_path / "t.ipynb")
+    ns, errors = grading.exec_notebook(tmp_path / "t.ipynb")
+    assert ns["y"] == 2 and not errors
+    grading._remove_cell_dirs()  # what runs at exit
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "triton_moe_cells_*"))) <= before
+
+
+@pytest.mark.slow
+def test_a_checker_that_launches_the_learners_kernel_itself(tmp_path, monkeypatch):
+    """Checkers may take a @triton.jit kernel and launch it (``fn[grid](...)``): the proxy supports it, and a
+    kernel the notebook defines counts as the learner's own."""
+    import torch
+    from triton_moe import checking
+    from triton_moe.checking import CheckFailure, Exercise, compare, poisoned
+    from triton_moe.grading import grade_notebook
+
+    def check(fn, seed):
+        x = torch.randn(300, generator=torch.Generator().manual_seed(seed))
+        out = poisoned((300 + 128,), torch.float32, "cpu")
+        fn[lambda meta: ((meta["n"] + meta["BLOCK"] - 1) // meta["BLOCK"],)](x, out, 2.0, 1.0, 300, BLOCK=128)
+        if not torch.isnan(out[300:]).all():
+            raise CheckFailure("wrote past the end")
+        compare("y", out[:300, None], (2.0 * x.double() + 1.0)[:, None], torch.float32)
+        return ["n=300"]
+
+    monkeypatch.setitem(checking.REGISTRY, "00:axpb_kernel", Exercise("00", "axpb_kernel", check))
+    sol = notebook("solutions", "00")
+    _variant(sol, tmp_path / "k" / sol.name)
+    _variant(sol, tmp_path / "w" / sol.name, replace=("a * x + b, mask=mask)", "a * x - b, mask=mask)"))
+    good = grade_notebook(tmp_path / "k" / sol.name, seed=11, timeout=120, only={"axpb_kernel"}).results
+    assert [r["status"] for r in good] == ["passed"], good
+    bad = grade_notebook(tmp_path / "w" / sol.name, seed=11, timeout=120, only={"axpb_kernel"}).results
+    assert bad[0]["status"] == "failed" and "relative error" in bad[0]["message"]

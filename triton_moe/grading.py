@@ -258,6 +258,7 @@ def grade_notebook(nb: Notebook | Path, seed: int | None = None, timeout: float 
                     msg += f" (notebook errors: {ready['errors'][0][:300]})"
                 results.append(_result(ex, NOT_ATTEMPTED, msg, "run the cell that defines it (and keep its name)", seed))
                 continue
+            child.exercise_calls = 0
             proxy = Proxy(child, ex.name, info)
             proxy._kind = info["kind"]
             untouched = any(is_stub_source(scan.sources.get(n)) for n in (ex.name, *ex.kernels))
@@ -281,8 +282,10 @@ def grade_notebook(nb: Notebook | Path, seed: int | None = None, timeout: float 
 
 
 def _timed(message: str, timeout: float) -> str:
-    return message.replace("process timed out", f"process timed out after {timeout:g} s (an endless loop, or far "
-                                                 "too large a grid?):", 1)
+    if "process timed out" not in message:
+        return message
+    return message.replace("process timed out", f"process timed out after {timeout:g} s", 1) + \
+        " (an endless loop, or far too large a grid?)"
 
 
 # --------------------------------------------------------------------------------------------------

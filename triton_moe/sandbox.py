@@ -561,8 +561,10 @@ class Child:
                     raise InvalidReply("a reply that is not a message")
                 if msg.get("op") == "cell" and isinstance(msg.get("cell"), int):
                     self.cell = msg["cell"]
+                    self.output_mark = self.output.total
                     continue
                 if msg.get("op") == "ready":
+                    self.output_mark = self.output.total
                     errors = [str(e)[:2000] for e in msg.get("errors", [])][:200] \
                         if isinstance(msg.get("errors"), list) else []
                     fns = msg.get("functions") if isinstance(msg.get("functions"), dict) else {}
@@ -587,7 +589,9 @@ class Child:
         if self.dead:
             raise ChildDied(self.dead)
         self.calls += 1
-        self.last_call = f"call {self.calls}: {name}{'[grid]' if grid is not None else ''}({_describe(args, kwargs)})"
+        self.exercise_calls += 1
+        self.output_mark = self.output.total
+        self.last_call = f"call {self.exercise_calls}: {name}{'[grid]' if grid is not None else ''}({_describe(args, kwargs)})"
         tensors = _tensors_in([args, kwargs], [])
         try:
             size = self._send({"op": "call", "id": self.calls, "name": name, "grid": grid,
@@ -638,6 +642,8 @@ class Child:
             return KernelLaunch(name, "course", chapter=module_chapters_cached().get(rel))
         return KernelLaunch(name, "unknown")
 
+    exercise_calls = 0   # calls of the exercise being checked (the grader resets it per exercise)
+    output_mark = 0      # output bytes before the current call: only output printed since is shown on a crash
     learner_kernels: set = frozenset()
     stub_kernels: set = frozenset()
 
@@ -658,8 +664,10 @@ class Child:
             verb = "process crashed" if rc not in (None, 0) else "process exited"
         else:
             verb = f"process sent an {how}"
+        time.sleep(0.1)  # let the reader thread take what the dying process printed
+        fresh = self.output.total > self.output_mark
         tail = [ln for ln in self.output.tail(400).strip().splitlines() if ln.strip()]
-        last = f"; its last output: {tail[-1][:200]!r}" if tail and how != "timeout" else ""
+        last = f"; its last output: {tail[-1][:200]!r}" if tail and fresh and how != "timeout" else ""
         self.dead = f"the notebook's {verb} {where}{code}{last}"
         self.close()
         return ChildDied(self.dead)
