@@ -207,7 +207,8 @@ def grade_notebook(nb: Notebook | Path, seed: int | None = None, timeout: float 
         try:
             nb = read_notebook(Path(nb))
         except NotANotebook as exc:
-            return Graded([], notes=[f"{Path(nb).name}: not a notebook ({exc})"])
+            return Graded([{"exercise": f"??:{Path(nb).name}", "status": FAILED, "seed": None, "points": 0,
+                            "max_points": 0, "message": f"not a notebook ({exc})", "hint": ""}])
     seed = new_seed() if seed is None else seed
     if nb.chapter is None:
         return Graded([{"exercise": f"??:{nb.path.name}", "status": FAILED, "seed": seed, "points": 0,
@@ -299,6 +300,8 @@ def check_notebooks(paths: list[Path], seed: int | None = None, timeout: float =
     def one(p):
         print(f"checking {Path(p).name} ...", file=sys.stderr, flush=True)
         g = grade_notebook(Path(p), seed, timeout, only)
+        for note in g.notes:
+            print(f"  {note}", file=sys.stderr, flush=True)
         return [{"notebook": Path(p).name, "path": str(p), **r} for r in g.results]
 
     from .sandbox import end_of_run
