@@ -242,8 +242,13 @@ def grade_notebook(nb: Notebook | Path, seed: int | None = None, timeout: float 
             if child is None or child.dead:
                 if child is not None:
                     child.close()
-                child = Child([CellInfo(n, s) for n, s in cells], names, re.sub(r"\W", "_", nb.path.stem)[:40],
-                              nb.chapter, nb.data, nb.path.name, deadline)
+                try:
+                    child = Child([CellInfo(n, s) for n, s in cells], names, re.sub(r"\W", "_", nb.path.stem)[:40],
+                                  nb.chapter, deadline)
+                except Exception as exc:  # noqa: BLE001  (e.g. out of file descriptors or disk)
+                    child, startup_failure = None, f"the grader could not start the notebook's process: {exc}"
+                    results.append(_result(ex, FAILED, startup_failure, seed=seed))
+                    continue
                 child.learner_kernels, child.stub_kernels = scan.jit_kernels, stub_kernels
                 child.first_lines = first_lines
                 try:

@@ -455,8 +455,7 @@ class CellInfo:
 class Child:
     """The learner's process: started, fed the cells, then serving calls until closed."""
 
-    def __init__(self, cells: list[CellInfo], names: list[str], stem: str, chapter: str, nb_bytes: bytes,
-                 nb_name: str, deadline: float, on_start=None):
+    def __init__(self, cells: list[CellInfo], names: list[str], stem: str, chapter: str, deadline: float):
         self.deadline = deadline
         self.calls = 0
         self.last_call = ""
@@ -492,11 +491,8 @@ class Child:
                 os.close(fd)
         self.output = _OutputTail(out_r)
         self.output.start()
-        if on_start:
-            on_start()
         self.cell = None
-        self._send({"op": "hello", "names": names, "stem": stem,
-                    "cells": [(c.number, c.source) for c in cells]})
+        self.hello = {"op": "hello", "names": names, "stem": stem, "cells": [(c.number, c.source) for c in cells]}
 
     # -- transport --------------------------------------------------------------------------------
 
@@ -517,15 +513,9 @@ class Child:
                 _, w, _ = select.select([], [self.p2c], [], min(self._remaining(), 1.0))
                 if w:
                     view = view[os.write(self.p2c, view):]
-                elif self.nanny.poll() is not None and not self._alive():
-                    raise EOFError
         except (BrokenPipeError, ConnectionResetError):
             raise EOFError from None
         return len(data)
-
-    def _alive(self) -> bool:
-        r, _, _ = select.select([self.c2p], [], [], 0)
-        return not r  # readable without data would mean EOF; be conservative
 
     def _read_exact(self, n: int) -> bytes:
         chunks, left = [], n
@@ -555,6 +545,7 @@ class Child:
     def wait_ready(self) -> dict:
         """Run the cells; returns {"errors": [...], "functions": {...}}. Raises ChildDied."""
         try:
+            self._send(self.hello)
             while True:
                 msg = self._recv(16 << 20)
                 if not isinstance(msg, dict):
