@@ -1,5 +1,5 @@
-"""Teacher grading: every submission runs in its own subprocess with a timeout, so a wrong, a crashing
-and a hanging submission cost only their own points. Also the learner's check table."""
+"""The learner's check table, seed replay, error locations, crash containment and the grader's own failure
+modes. The attacks of issue 11 are in tests/test_grading_attacks.py."""
 import csv
 import os
 import tempfile
@@ -157,7 +157,9 @@ def test_a_checker_that_launches_the_learners_kernel_itself(tmp_path, monkeypatc
     def check(fn, seed):
         x = torch.randn(300, generator=torch.Generator().manual_seed(seed))
         out = poisoned((300 + 128,), torch.float32, "cpu")
-        fn[lambda meta: ((meta["n"] + meta["BLOCK"] - 1) // meta["BLOCK"],)](x, out, 2.0, 1.0, 300, BLOCK=128)
+        with checking.record_launches() as seen:  # a checker sees the child's launches as its own
+            fn[lambda meta: ((meta["n"] + meta["BLOCK"] - 1) // meta["BLOCK"],)](x, out, 2.0, 1.0, 300, BLOCK=128)
+        assert [(la.name, la.origin) for la in seen] == [("axpb_kernel", "learner")], seen
         if not torch.isnan(out[300:]).all():
             raise CheckFailure("wrote past the end")
         compare("y", out[:300, None], (2.0 * x.double() + 1.0)[:, None], torch.float32)

@@ -12,6 +12,8 @@ import pytest
 from notebook_helpers import notebook
 from triton_moe.grading import RepoGuard, grade_folder
 
+pytestmark = pytest.mark.slow
+
 SEED = 424242
 SOL0 = notebook("solutions", "00")
 EX0 = notebook("chapters", "00")

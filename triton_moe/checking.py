@@ -274,6 +274,13 @@ def _install_launch_hook() -> None:
             _hooked.append(cls)
 
 
+def report_launches(launches) -> None:
+    """Add launches made elsewhere (the grader's child process) to the recorders active in this thread, so a
+    checker's ``record_launches()`` sees a proxied call's kernels as it sees an in-process call's."""
+    for seen in getattr(_recording, "stack", None) or []:
+        seen.extend(launches)
+
+
 @contextlib.contextmanager
 def record_launches():
     """Record every Triton kernel launch this thread makes while the block runs (yields the list of
@@ -369,7 +376,7 @@ class Exercise:
             status, prefix = (NOT_ATTEMPTED, f"{stub_note}. ") if untouched else (FAILED, "")
             return CheckResult(self.key, status, f"{prefix}your code raised {text}" + (f" (at {where})" if where else ""),
                                hint=self.hint, seed=seed)
-        launches = list(here) + list(getattr(fn, "launch_records", []))
+        launches = list(here)  # a proxy's calls report theirs here too (report_launches)
         if judge_launches is None:
             judge_launches = hasattr(fn, "launch_records") or not _from_package(fn)
         problem = self.launch_problem(fn, launches) if judge_launches else ""

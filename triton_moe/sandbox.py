@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .checking import KernelLaunch
+from .checking import KernelLaunch, report_launches
 
 PKG = Path(__file__).resolve().parent
 ROOT = PKG.parent
@@ -613,10 +613,13 @@ class Child:
         launches = reply.get("launches", [])
         if not isinstance(launches, list) or len(launches) > 1_000_000:
             raise InvalidReply("launches")
+        seen = []
         for item in launches:
             if not (isinstance(item, list) and len(item) == 2 and all(isinstance(s, str) for s in item)):
                 raise InvalidReply("launches")
-            recorder.append(self.classify(*item))
+            seen.append(self.classify(*item))
+        recorder.extend(seen)
+        report_launches(seen)
         if reply.get("ok") is True:
             return _decode(reply.get("value"), tensors)
         err = reply.get("error")
