@@ -59,6 +59,7 @@ def graded(tmp_path_factory):
         "for ex in REGISTRY.values():\n    ex.check = lambda fn, seed: []\n"
         "c.TOLERANCE.update({k: 1e9 for k in c.TOLERANCE})\n"
         "c.compare = lambda *a, **k: 0.0\nc.relative_error = lambda *a, **k: 0.0\n"
+        "import triton_moe.checks.ch00_setup as m\nm.compare = lambda *a, **k: 0.0\n"
         "CheckResult.passed = property(lambda self: True)\n"
         "Exercise.run = lambda self, *a, **k: CheckResult(self.key, 'passed')"])
     make(EX0, subs / "resultfile" / EX0.name, cells=[
@@ -83,6 +84,17 @@ def graded(tmp_path_factory):
         "def route_topk(logits, top_k):\n    return _rt(logits, top_k)\n\n"
         "def moe_forward_loop(x, w, ids, w1, w3, w2):\n    return _mr(x, w, ids, w1, w3, w2).to(x.dtype)"))
     nbformat.write(nb1, subs / "answers" / SOL1.name)
+    nb1 = nbformat.read(SOL1, as_version=4)
+    nb1.cells.append(nbformat.v4.new_code_cell(
+        "import triton_moe\nfrom triton_moe.kernels.fused_moe import route_dispatch\n\n"
+        "def route_topk(logits, top_k):\n"
+        "    if logits.shape[0] * top_k <= 64:  # the course's one-launch router where it applies\n"
+        "        w, ids, *_ = route_dispatch(logits, top_k, True, 16)\n        return w, ids\n"
+        "    p = torch.softmax(logits.float(), -1)\n    w, i = torch.topk(p, top_k, -1)\n"
+        "    return w / w.sum(-1, keepdim=True), i\n\n"
+        "def moe_forward_loop(x, w, ids, w1, w3, w2):\n    return triton_moe.fused_experts(x, w, ids, w1, w3, w2)"))
+    (subs / "answers2").mkdir(parents=True)
+    nbformat.write(nb1, subs / "answers2" / SOL1.name)
     make(EX0, subs / "course_kernel" / EX0.name, cells=[
         "from triton_moe.kernels.grouped_gemm import grouped_gemm\n"
         "from triton_moe.grading import exec_notebook\nfrom triton_moe.notebooks import SOLUTIONS\n"
@@ -141,7 +153,7 @@ def test_ordinary_work_scores_right_and_every_row_is_there(graded):
     assert points(rows["alice"]) == 1 and rows["alice"]["total"] == "1" and rows["alice"]["seed"] == str(SEED)
     assert points(rows["bob"]) == 0 and "relative error" in rows["bob"]["notes"]
     expected = {"alice", "bob", "patcher", "resultfile", "seedseer", "nokernel", "stubkernel", "answers",
-                "course_kernel", "neighbour", "sysexit", "killer", "garbage", "aborter", "daemon", "hang",
+                "answers2", "course_kernel", "neighbour", "sysexit", "killer", "garbage", "aborter", "daemon", "hang",
                 "lena/", "lena.ipynb", "mia", "noah", "olga", "pia", "quinn", "ruth", "README.txt"}
     assert set(rows) == expected
     assert "ignored notes.md" in rows["alice"]["notes"]
@@ -163,6 +175,9 @@ def test_the_result_must_come_from_the_learners_own_kernel(graded):
     r = rows["answers"]
     assert int(r["01:route_topk"]) == 0 and int(r["01:moe_forward_loop"]) == 0
     assert "not available while grading" in r["notes"]
+    r = rows["answers2"]
+    assert int(r["01:route_topk"]) == 0 and "the course's kernel route_dispatch_kernel" in r["notes"]
+    assert int(r["01:moe_forward_loop"]) == 0
     assert points(rows["course_kernel"]) == 0 and "FLAGGED" in rows["course_kernel"]["notes"]
 
 
