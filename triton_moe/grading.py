@@ -201,7 +201,7 @@ def grade_notebook(nb: Notebook | Path, seed: int | None = None, timeout: float 
     """Grade one notebook: its code runs in a child process; the checkers run here. Never raises for
     anything the notebook does."""
     from .codescan import flag_notes, is_stub_source, scan_cells
-    from .sandbox import CellInfo, Child, ChildDied, Proxy
+    from .sandbox import CannotSend, CellInfo, Child, ChildDied, Proxy
 
     if not isinstance(nb, Notebook):
         try:
@@ -274,6 +274,9 @@ def grade_notebook(nb: Notebook | Path, seed: int | None = None, timeout: float 
                 results.append(_result(ex, FAILED, _timed(exc.message, timeout),
                                        "the crash is yours to find: an out-of-bounds access in a kernel (mask every "
                                        "load and store), an exit, or a process kill", seed))
+                continue
+            except CannotSend as exc:
+                results.append(_result(ex, FAILED, f"the checker failed: {exc}", seed=seed))
                 continue
             except Exception as exc:  # noqa: BLE001  (a checker bug must not cost the other exercises)
                 results.append(_result(ex, FAILED, f"the checker failed: {type(exc).__name__}: {exc}", seed=seed))

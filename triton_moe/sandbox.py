@@ -251,6 +251,11 @@ class InvalidReply(Exception):
     pass
 
 
+class CannotSend(BaseException):
+    """A checker passed the proxy something that cannot travel to the child (a checker's limitation, not the
+    learner's error)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # The private package copy
 
@@ -504,7 +509,11 @@ class Child:
 
     def _send(self, obj) -> int:
         buf = io.BytesIO()
-        torch.save(obj, buf)
+        try:
+            torch.save(obj, buf)
+        except Exception as exc:  # noqa: BLE001
+            raise CannotSend(f"the grader cannot send these arguments to the notebook's process: "
+                             f"{type(exc).__name__}: {exc}") from None
         data = _HEADER.pack(len(buf.getvalue())) + buf.getvalue()
         view = memoryview(data)
         os.set_blocking(self.p2c, False)
