@@ -301,9 +301,21 @@ def _timed(message: str, timeout: float) -> str:
 # Learner check
 
 
+def _prepare(chapters) -> None:
+    """Everything a child's start reads from the repository, read before any learner code runs (a submission
+    that changes the package cannot change what a later one is given)."""
+    from .sandbox import module_chapters_cached, private_package
+
+    module_chapters_cached()
+    for ch in chapters:
+        private_package(ch)
+        _course_scan(ch)
+
+
 def check_notebooks(paths: list[Path], seed: int | None = None, timeout: float = DEFAULT_TIMEOUT,
                     jobs: int = 1, only: set | None = None) -> list[dict]:
     seed = new_seed() if seed is None else seed
+    _prepare(sorted({Path(p).name[:2] for p in paths if re.match(r"^\d\d-", Path(p).name)}))
 
     def one(p):
         print(f"checking {Path(p).name} ...", file=sys.stderr, flush=True)
@@ -544,6 +556,7 @@ def grade_folder(folder: Path, out_csv: Path, seed: int | None = None, timeout: 
     seed = new_seed() if seed is None else seed
     guard = RepoGuard() if guard is None else guard
     chapters = sorted({nb.chapter for s in subs for nb in s.notebooks})
+    _prepare(chapters)
     keys = [ex.key for c in chapters for ex in _exercises(c)]
     fieldnames = ["submission", *keys, "total", "max_total", "seed", "notes"]
     max_total = sum(REGISTRY[k].points for k in keys)

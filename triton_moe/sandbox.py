@@ -352,7 +352,7 @@ def private_package(chapter: str) -> dict[str, bytes]:
     with _PACKAGE_LOCK:
         if chapter in _PACKAGE_CACHE:
             return _PACKAGE_CACHE[chapter]
-        chapters = module_chapters()
+        chapters = module_chapters_cached()
         files = {}
         for path in sorted(PKG.rglob("*")):
             if not path.is_file() or "__pycache__" in path.parts or path.suffix in (".pyc", ".so"):
