@@ -169,7 +169,8 @@ class Zygote:
         zenv[TOKEN_VAR] = self.token
         zenv["PYTHONPATH"] = os.pathsep.join(child_sys_path())
         self.proc = subprocess.Popen([sys.executable, "-S", "-c", ZYGOTE_CODE, str(theirs.fileno())],
-                                     env=zenv, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                     env=zenv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     pass_fds=(theirs.fileno(),),
                                      start_new_session=True, cwd=tempfile.gettempdir())
         theirs.close()
         self.sock = mine
