@@ -343,6 +343,8 @@ def _is_jit(node) -> bool:
 
 
 _PACKAGE_CACHE: dict[str, dict[str, bytes]] = {}
+DATA_FOLDERS = ("docs", "results")             # data the notebooks read, copied beside the private package
+DATA_SUFFIXES = (".json", ".csv", ".md", ".txt", ".log")
 _PACKAGE_LOCK = threading.Lock()
 
 
@@ -369,6 +371,10 @@ def private_package(chapter: str) -> dict[str, bytes]:
                 text = _neutralise(text, rel, own is not None and own > chapter)
                 data = text.encode()
             files[rel] = data
+        for folder in DATA_FOLDERS:  # what the notebooks read beside the package (the compile report, timings)
+            for path in sorted((ROOT / folder).rglob("*")):
+                if path.is_file() and path.suffix in DATA_SUFFIXES and path.stat().st_size <= 8 << 20:
+                    files[path.relative_to(ROOT).as_posix()] = path.read_bytes()
         _PACKAGE_CACHE[chapter] = files
         return files
 
@@ -731,6 +737,9 @@ def _tensors_in(obj, out: list) -> list:
     elif isinstance(obj, dict):
         for v in obj.values():
             _tensors_in(v, out)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. chapter 8's QuantizedExperts
+        for f in dataclasses.fields(obj):
+            _tensors_in(getattr(obj, f.name), out)
     return out
 
 

@@ -129,6 +129,9 @@ def _tensors_in(obj, out: list) -> list:
     elif isinstance(obj, dict):
         for v in obj.values():
             _tensors_in(v, out)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. chapter 8's QuantizedExperts
+        for f in dataclasses.fields(obj):
+            _tensors_in(getattr(obj, f.name), out)
     return out
 
 
