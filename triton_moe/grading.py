@@ -335,7 +335,13 @@ def check_notebooks(paths: list[Path], seed: int | None = None, timeout: float =
 
 def replay_command(row: dict) -> str:
     ch, name = row["exercise"].split(":", 1)
-    return f"./course check {row.get('path', row.get('notebook', ''))} --exercise {name} --seed {row['seed']}"
+    path = str(row.get("path", row.get("notebook", "")))
+    try:
+        rel = os.path.relpath(path)
+        path = rel if not rel.startswith("..") else path
+    except ValueError:
+        pass
+    return f"./course check {path} --exercise {name} --seed {row['seed']}"
 
 
 def format_table(rows: list[dict]) -> str:
