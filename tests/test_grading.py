@@ -173,3 +173,23 @@ def test_a_checker_that_launches_the_learners_kernel_itself(tmp_path, monkeypatc
     assert [r["status"] for r in good] == ["passed"], good
     bad = grade_notebook(tmp_path / "w" / sol.name, seed=11, timeout=120, only={"axpb_kernel"}).results
     assert bad[0]["status"] == "failed" and "relative error" in bad[0]["message"]
+
+
+def test_launch_rules():
+    """Which kernel launches let a checked result count (the grader's child reports them as KernelLaunch)."""
+    from triton_moe.checking import Exercise, KernelLaunch
+
+    kernel_ex = Exercise("03", "grouped_gemm", lambda fn, seed: [], kernels=("grouped_gemm_kernel",))
+    torch_ex = Exercise("01", "moe_forward_loop", lambda fn, seed: [])
+    mine = KernelLaunch("grouped_gemm_kernel", "learner")
+    assert kernel_ex.launch_problem(None, [mine]) == ""
+    assert kernel_ex.launch_problem(None, [mine, KernelLaunch("dispatch_scatter_kernel", "course", "02")]) == ""
+    assert "did not launch" in kernel_ex.launch_problem(None, [])
+    assert "launched only dispatch_scatter_kernel" in kernel_ex.launch_problem(
+        None, [KernelLaunch("dispatch_scatter_kernel", "course", "02")])
+    assert "the course's kernel grouped_gemm_kernel" in kernel_ex.launch_problem(
+        None, [mine, KernelLaunch("grouped_gemm_kernel", "course", "03")])
+    assert "still the exercise's stub" in kernel_ex.launch_problem(None, [KernelLaunch("grouped_gemm_kernel", "learner",
+                                                                                       stub=True)])
+    assert "route_dispatch_kernel" in torch_ex.launch_problem(None, [KernelLaunch("route_dispatch_kernel", "course", "05")])
+    assert torch_ex.launch_problem(None, []) == ""

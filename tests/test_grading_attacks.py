@@ -176,7 +176,8 @@ def test_the_result_must_come_from_the_learners_own_kernel(graded):
     assert int(r["01:route_topk"]) == 0 and int(r["01:moe_forward_loop"]) == 0
     assert "not available while grading" in r["notes"]
     r = rows["answers2"]
-    assert int(r["01:route_topk"]) == 0 and "the course's kernel route_dispatch_kernel" in r["notes"]
+    # the course's router kernel of chapter 5: its chapter 2 top-k is a stub here, and its launch would not count
+    assert int(r["01:route_topk"]) == 0
     assert int(r["01:moe_forward_loop"]) == 0
     assert points(rows["course_kernel"]) == 0 and "FLAGGED" in rows["course_kernel"]["notes"]
 
