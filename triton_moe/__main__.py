@@ -2,12 +2,14 @@
 
     info                          mode (CPU interpreter or GPU), versions, device
     check [NOTEBOOK ...]          check your chapter notebooks (default: chapters/*.ipynb) and print a table
-    grade FOLDER --out CSV        grade a folder of submissions (teachers); --seed for unseen inputs
+                                  (--seed S replays every exercise whose printed seed is S; --exercise NAME)
+    grade FOLDER --out CSV        grade a folder of submissions (teachers); --seed for unseen inputs, --jobs N
     sync [--check]                regenerate solution cells from the package, then chapters/ (or report what is stale)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,13 +21,18 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="mode, versions, device")
     c = sub.add_parser("check", help="check your notebooks")
     c.add_argument("notebooks", nargs="*", type=Path)
-    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None, help="the inputs of every exercise (the seed a result printed)")
+    c.add_argument("--exercise", action="append", default=None,
+                   help="check only this exercise (name or chapter:name; repeatable)")
     c.add_argument("--timeout", type=float, default=600)
+    c.add_argument("--jobs", type=int, default=1, help="notebooks checked at once")
     g = sub.add_parser("grade", help="grade a folder of submitted notebooks into a CSV")
     g.add_argument("folder", type=Path)
     g.add_argument("--out", type=Path, default=Path("grades.csv"))
-    g.add_argument("--seed", type=int, default=None, help="inputs the learners never saw")
+    g.add_argument("--seed", type=int, default=None, help="inputs the learners never saw (default: a random one, "
+                                                          "written to the CSV)")
     g.add_argument("--timeout", type=float, default=600, help="seconds per notebook")
+    g.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="notebooks graded at once (default: cores)")
     s = sub.add_parser("sync", help="regenerate solution cells from the package, then chapters/ from solutions/")
     s.add_argument("--check", action="store_true", help="only report stale solution cells and exercise notebooks")
     a = ap.parse_args(argv)
@@ -41,14 +48,14 @@ def main(argv=None) -> int:
         from .notebooks import CHAPTERS
 
         paths = a.notebooks or sorted(CHAPTERS.glob("[0-9][0-9]-*.ipynb"))
-        rows = check_notebooks(paths, a.seed, a.timeout)
+        rows = check_notebooks(paths, a.seed, a.timeout, a.jobs, set(a.exercise) if a.exercise else None)
         print(format_table(rows))
         return 0 if all(r["status"] == "passed" for r in rows) else 1
     if a.cmd == "grade":
         from .grading import grade_folder
 
         try:
-            rows = grade_folder(a.folder, a.out, a.seed, a.timeout)
+            rows = grade_folder(a.folder, a.out, a.seed, a.timeout, a.jobs)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -16,9 +16,12 @@ exceptions into results: ``NotImplementedError`` or an untouched stub -> "not at
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+import re
+import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
@@ -223,6 +226,105 @@ def grading() -> bool:
     return os.environ.get("TRITON_MOE_GRADING") == "1"
 
 
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One Triton kernel launch seen while a checker ran the learner's function."""
+    name: str
+    origin: str                 # "learner" (defined in the notebook), "course" (the package) or "unknown"
+    chapter: str | None = None  # for a course kernel: the chapter whose notebook shows its module
+    stub: bool = False          # a learner kernel that is still the exercise's stub, unchanged
+
+
+_recording = threading.local()
+_hook_lock = threading.Lock()
+_hooked: list = []
+
+
+def _install_launch_hook() -> None:
+    """Wrap the launch entry of compiled and interpreted Triton kernels once; the wrapper reports to the
+    recorders active in the calling thread (none: it only launches)."""
+    with _hook_lock:
+        if _hooked:
+            return
+        from triton.runtime import jit
+
+        classes = [jit.JITFunction]
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            classes.append(InterpretedFunction)
+        except ImportError:  # pragma: no cover
+            pass
+        package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+        for cls in classes:
+            original = cls.run
+
+            def run(self, *args, _original=original, **kwargs):
+                stack = getattr(_recording, "stack", None)
+                if stack:
+                    fn = getattr(self, "fn", None)
+                    filename = os.path.abspath(getattr(getattr(fn, "__code__", None), "co_filename", "") or "?")
+                    launch = KernelLaunch(getattr(fn, "__name__", "?"),
+                                          "course" if filename.startswith(package) else "learner")
+                    for seen in stack:
+                        seen.append(launch)
+                return _original(self, *args, **kwargs)
+
+            cls.run = run
+            _hooked.append(cls)
+
+
+def report_launches(launches) -> None:
+    """Add launches made elsewhere (the grader's child process) to the recorders active in this thread, so a
+    checker's ``record_launches()`` sees a proxied call's kernels as it sees an in-process call's."""
+    for seen in getattr(_recording, "stack", None) or []:
+        seen.extend(launches)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Record every Triton kernel launch this thread makes while the block runs (yields the list of
+    :class:`KernelLaunch`). A kernel whose code lives in the package is the course's; any other the learner's.
+    The grader's child process reports its launches through :mod:`triton_moe.sandbox_child` instead."""
+    _install_launch_hook()
+    seen: list[KernelLaunch] = []
+    stack = _recording.__dict__.setdefault("stack", [])
+    stack.append(seen)
+    try:
+        yield seen
+    finally:
+        stack.remove(seen)
+
+
+CELL_FILE = re.compile(r"_cell_(\d+)\.py$")
+
+
+def learner_location(exc: BaseException) -> tuple[str, str]:
+    """(root cause as "Type: message", where) of an exception raised by the learner's code. Walks the
+    traceback of the exception and of its __cause__/__context__ chain (an error inside an interpreted
+    @triton.jit kernel is re-raised by Triton with the original as its cause) and names the deepest frame in
+    the learner's code: "cell N, line L: <source>" for the notebook cells the course executes from files
+    named after their cell, else the file and line of the deepest frame outside Triton, torch and the course."""
+    chain, seen, e = [], set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    cell_where = other_where = ""
+    for e in chain:  # outermost first: the innermost learner frame wins
+        for fr in traceback.extract_tb(e.__traceback__):
+            name = fr.filename or ""
+            line = (fr.line or "").strip()
+            if m := CELL_FILE.search(name):
+                cell_where = f"cell {int(m.group(1))}, line {fr.lineno}: {line}"
+            elif not (os.path.abspath(name).startswith(package) or "site-packages" in name or
+                      "dist-packages" in name or name.startswith("<") or "/lib/python3" in name):
+                other_where = f"{os.path.basename(name)}, line {fr.lineno}: {line}"
+    root = chain[-1]
+    return f"{type(root).__name__}: {root}", cell_where or other_where
+
+
 @dataclass
 class Exercise:
     chapter: str          # "01"
@@ -236,19 +338,30 @@ class Exercise:
     def key(self) -> str:
         return f"{self.chapter}:{self.name}"
 
-    def run(self, fn, seed: int | None = None, namespace: dict | None = None) -> CheckResult:
+    def is_kernel_exercise(self, fn) -> bool:
+        """The learner writes a @triton.jit kernel: the result must come from a kernel of theirs."""
+        return bool(self.kernels) or (getattr(fn, "_kind", None) == "jit") or (hasattr(fn, "run") and hasattr(fn, "fn"))
+
+    def run(self, fn, seed: int | None = None, namespace: dict | None = None, untouched: bool | None = None,
+            judge_launches: bool | None = None) -> CheckResult:
+        """Run the checker on ``fn``. ``untouched`` (the grader decides it from the notebook's source)
+        overrides looking at the stub marker of ``fn`` and the exercise's kernels in ``namespace``. A
+        ``fn`` with a ``launch_records`` list (the grader's proxy) reports the kernels its calls launched;
+        otherwise launches in this process are recorded. ``judge_launches`` (default: unless ``fn`` is the
+        course's own code, as in the tests of the package's kernels) applies :meth:`launch_problem`."""
         if fn is None:
             return CheckResult(self.key, NOT_ATTEMPTED, f"no function named {self.name!r} was defined",
                                hint="run the cell that defines it (and keep its name)")
         seed = new_seed() if seed is None else seed
-        watched = [fn] + [namespace.get(k) for k in self.kernels if namespace and namespace.get(k) is not None]
-        untouched = any(is_untouched(f) for f in watched)
+        if untouched is None:
+            watched = [fn] + [namespace.get(k) for k in self.kernels if namespace and namespace.get(k) is not None]
+            untouched = any(is_untouched(f) for f in watched)
         stub_note = ("the exercise still holds its stub (the '# YOUR CODE HERE' block); if you wrote code, "
                      "delete that line and the stub lines under it")
         from .tools import learner_compile  # an interpreter pass must also compile for the GPU (CPU mode)
 
         try:
-            with learner_compile.recording() as launches:
+            with learner_compile.recording() as compiled, record_launches() as here:
                 cases = self.check(fn, seed) or []
         except NotImplementedError as exc:
             return CheckResult(self.key, NOT_ATTEMPTED, str(exc) or "the function raises NotImplementedError",
@@ -259,15 +372,46 @@ class Exercise:
                                    exc.hint or self.hint, seed)
             return CheckResult(self.key, FAILED, exc.message, exc.hint or self.hint, seed)
         except Exception as exc:  # the learner's code crashed: say where
-            tb = traceback.extract_tb(exc.__traceback__)
-            where = f" (at {tb[-1].name}, line {tb[-1].lineno})" if tb else ""
+            text, where = learner_location(exc)
+            text = getattr(exc, "learner_text", None) or text
+            where = getattr(exc, "learner_where", None) or where
             status, prefix = (NOT_ATTEMPTED, f"{stub_note}. ") if untouched else (FAILED, "")
-            return CheckResult(self.key, status, f"{prefix}your code raised {type(exc).__name__}: {exc}{where}",
+            return CheckResult(self.key, status, f"{prefix}your code raised {text}" + (f" (at {where})" if where else ""),
                                hint=self.hint, seed=seed)
-        problems = learner_compile.compile_problems(None, launches) if learner_compile.enabled() else []
+        launches = list(here)  # a proxy's calls report theirs here too (report_launches)
+        if judge_launches is None:
+            judge_launches = hasattr(fn, "launch_records") or not _from_package(fn)
+        problem = self.launch_problem(fn, launches) if judge_launches else ""
+        if problem:
+            return CheckResult(self.key, NOT_ATTEMPTED if untouched else FAILED, problem, self.hint, seed)
+        # An interpreter pass must also compile for the GPU (CPU mode; kernels run in this process)
+        problems = learner_compile.compile_problems(None, compiled) if learner_compile.enabled() else []
         if problems:
             return CheckResult(self.key, FAILED, problems[0], learner_compile.HINT, seed)
         return CheckResult(self.key, PASSED, seed=seed, cases=list(cases))
+
+    def launch_problem(self, fn, launches: list) -> str:
+        """Why the checked results do not count, or "": a kernel exercise must launch a kernel of the
+        learner's own that is not the untouched stub, and no exercise may use a course kernel of its own
+        or a later chapter (those are the answers)."""
+        answer = sorted({la.name for la in launches if la.origin == "course" and la.chapter is not None
+                         and la.chapter >= self.chapter})
+        if answer:
+            return (f"the results came from the course's kernel {', '.join(answer)}, not your own code "
+                    "(the course's kernels of this and later chapters do not count)")
+        if not self.is_kernel_exercise(fn):
+            return ""
+        mine = [la for la in launches if la.origin == "learner"]
+        if not mine:
+            others = sorted({la.name for la in launches})
+            seen = f" (it launched only {', '.join(others)})" if others else ""
+            return (f"{self.name} did not launch a @triton.jit kernel defined in your notebook{seen}: the result "
+                    "must be computed by your kernel, not by torch on the host")
+        if all(la.stub for la in mine):
+            names = ", ".join(sorted({la.name for la in mine}))
+            return (f"your kernel {names} is still the exercise's stub, unchanged: the result was computed "
+                    "elsewhere (e.g. by torch in the host function), not by your kernel")
+        return ""
 
     def __call__(self, fn, seed: int | None = None, **namespace) -> CheckResult:
         """Notebook entry point: ``check_x(my_fn)``; prints and returns the result."""
@@ -277,6 +421,14 @@ class Exercise:
         print(result)
         result._printed = True
         return result
+
+
+def _from_package(fn) -> bool:
+    """True for a function (or kernel) whose code lives in this package."""
+    while hasattr(fn, "fn") and not hasattr(fn, "__code__"):
+        fn = fn.fn
+    filename = getattr(getattr(fn, "__code__", None), "co_filename", "") or ""
+    return os.path.abspath(filename).startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 def _caller_globals() -> dict:
