@@ -387,7 +387,8 @@ def child_sys_path() -> list[str]:
         if not p or not os.path.isdir(p):
             continue
         rp = os.path.realpath(p)
-        if rp == root or rp.startswith(root + os.sep) or rp == os.path.realpath(os.getcwd()):
+        installed = os.sep + "site-packages" in rp or os.sep + "dist-packages" in rp  # e.g. the course's .venv
+        if rp == root or (rp.startswith(root + os.sep) and not installed) or rp == os.path.realpath(os.getcwd()):
             continue
         out.append(p)
     return out
