@@ -4,8 +4,8 @@
    ``{"triton_moe": {"from": "triton_moe.kernels.grouped_gemm", "show": ["grouped_gemm_kernel", ...]}}``
    is rewritten from that module: an import header for the names the shown symbols use (where the module
    itself gets them: ``from .. import validate`` becomes ``from triton_moe import validate``, a name the module
-   defines comes ``from <module> import name``; names shown or imported by an earlier generated cell of the
-   same notebook are not repeated), then each symbol's exact source (decorators and the comment lines right
+   defines comes ``from <module> import name``; a name an earlier generated cell of the notebook shows is not
+   imported, so an exercise uses the learner's own version), then each symbol's exact source (decorators and the comment lines right
    above it included; a module constant is a symbol too). The module is the only copy of the code; no
    private (``_name``) name may be shown or imported.
 2. **Exercises from the solutions.** ``chapters/`` is written from ``solutions/``: markers (nbgrader-compatible)
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import nbformat
@@ -255,31 +256,54 @@ def _name_order(name: str):
     return (not name.isupper(), not name[:1].isupper(), name.lower())
 
 
+def _from_line(module: str, names: list[str], width: int = 110) -> str:
+    line = f"from {module} import {', '.join(names)}"
+    if len(line) <= width:
+        return line
+    head = f"from {module} import ("
+    lines, cur = [], head
+    for n in names:  # isort's wrapping: a parenthesised list aligned after "("
+        piece = n + ", "
+        if len(cur) + len(piece) > width and cur.strip() not in (head.strip(), ""):
+            lines.append(cur.rstrip())
+            cur = " " * len(head)
+        cur += piece
+    return "\n".join(lines + [cur.rstrip(", ") + ")"])
+
+
+def _section(module: str) -> int:
+    top = module.split(".")[0]
+    return 2 if top == "triton_moe" else (0 if top in sys.stdlib_module_names else 1)
+
+
 def import_header(src: ModuleSource, names: list[str]) -> str:
-    """``import``/``from ... import`` lines for names of ``src`` (isort style: other packages first)."""
+    """``import``/``from ... import`` lines for names of ``src``, isort style: the standard library, other
+    packages, then this one; in each, plain imports before ``from`` imports."""
     plain, froms = set(), {}
     for n in names:
         if n in src.imported:
             kind, where, real = src.imported[n]
             if kind == "import":
-                plain.add(f"import {where} as {real}" if real else f"import {where}")
+                plain.add((where, f"import {where} as {real}" if real else f"import {where}"))
                 continue
             froms.setdefault(where, []).append(real if real == n else f"{real} as {n}")
         else:
             froms.setdefault(src.module, []).append(n)
     sections = []
-    for ours in (False, True):
-        lines = sorted(p for p in plain if p.split()[1].startswith("triton_moe") == ours)
-        lines += [f"from {m} import {', '.join(sorted(froms[m], key=_name_order))}"
-                  for m in sorted(froms) if m.startswith("triton_moe") == ours]
+    for sec in (0, 1, 2):
+        lines = [line for where, line in sorted(plain) if _section(where) == sec]
+        lines += [_from_line(m, sorted(froms[m], key=_name_order)) for m in sorted(froms) if _section(m) == sec]
         if lines:
             sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
 
-def generated_source(module: str, show: list[str], known: set[str] = frozenset()) -> tuple[str, set[str]]:
-    """The source of a generated cell, and the names it binds. ``known``: names already bound by earlier
-    generated cells of the notebook (not imported again)."""
+def generated_source(module: str, show: list[str], known: set[str] = frozenset(),
+                     later: set[str] = frozenset()) -> tuple[str, set[str]]:
+    """The source of a generated cell, and the names it shows. ``known``: names shown by earlier generated
+    cells of the notebook (not imported: the notebook's own definition, the learner's in an exercise, is the
+    one to use); ``later``: names a later generated cell shows
+    (imported here as forward references, then replaced by the notebook's own definition)."""
     src = ModuleSource(module)
     for s in show:
         if s.startswith("_"):
@@ -292,7 +316,7 @@ def generated_source(module: str, show: list[str], known: set[str] = frozenset()
     if private:
         raise SourceError(f"{module}: the cell showing {show} would import private names {private}: make them "
                           "public in the package or show them too")
-    exercises = [n for n in needed if n in src.defined and BEGIN in src.segment(n)]
+    exercises = [n for n in needed if n in src.defined and n not in later and BEGIN in src.segment(n)]
     if exercises:
         raise SourceError(f"{module}: the cell showing {show} would import {exercises}, which hold an exercise "
                           "region: show them (the learner writes them) instead of importing the solution")
@@ -303,23 +327,21 @@ def generated_source(module: str, show: list[str], known: set[str] = frozenset()
             out += "\n\n\n" if is_def or prev_def else ("\n\n" if prev_def is None else "\n")
         out += src.segment(s)
         prev_def = is_def
-    return out, set(needed) | set(show)
+    return out, set(show)
 
 
 def sync_solution(nb, where: str = "") -> list[tuple[int, str]]:
     """Rewrite the generated cells of a solution notebook in place; return (cell index, module) of those
     that changed."""
-    changed = []
-    # Names any generated cell of the notebook shows are the notebook's own (a class shown first may call a
-    # function the learner writes further down): never imported from the solution module.
-    known = {name for cell in nb.cells if cell.cell_type == "code" and cell.metadata.get(META_KEY)
-             for name in cell.metadata[META_KEY].get("show", [])}
+    changed, known = [], set()
+    metas = [c.metadata.get(META_KEY) if c.cell_type == "code" else None for c in nb.cells]
     for k, cell in enumerate(nb.cells):
         meta = cell.metadata.get(META_KEY) if cell.cell_type == "code" else None
         if not meta:
             continue
         try:
-            text, bound = generated_source(meta["from"], list(meta["show"]), known)
+            later = {n for m in metas[k + 1:] if m and m.get("from") == meta["from"] for n in m.get("show", ())}
+            text, bound = generated_source(meta["from"], list(meta["show"]), known, later)
         except (KeyError, TypeError) as exc:
             raise SourceError(f"{where} cell {k}: metadata {META_KEY} needs 'from' and 'show' ({exc})") from None
         except SourceError as exc:
