@@ -28,7 +28,7 @@ DOWN_BUGS = {
     "weight-twice": ([(SCALE, "acc = acc * weight[:, None] * weight[:, None]")], "applied twice"),
     "dropped-slot": ([("row_mask = slot < num_slots\n", "row_mask = slot < num_slots - 1\n")], "missing the contribution"),
     "store-not-add": ([(ATOMIC, "tl.store(acc_ptr + token[:, None] * stride_am + offs_n[None, :] * stride_an, acc, mask=mask)")],
-                      "exactly ONE"),
+                      "tl.atomic_add"),
     "dropped-tokens": ([("    mask = row_mask[:, None] & (offs_n[None, :] < N)\n",
                          "    mask = row_mask[:, None] & (offs_n[None, :] < N) & (slot[:, None] >= 2 * top_k)\n")],
                        "no contribution at all"),
