@@ -104,7 +104,7 @@ def _call_down(fn, where, h, w2, tw, d, det, cfg, out, acc):
                 got = fn(h, w2, tw, *d, det, config=cfg, out=out)
     except CheckFailure as exc:
         hint = exc.hint
-        if "acc_ptr" in exc.message and "past the end" in exc.message:
+        if "acc_ptr" in exc.message and "past the end" in exc.message and getattr(exc, "kind", "") != "columns":
             hint = ("the atomic combine adds each slot's row into its TOKEN's row: token = slot // top_k (acc has "
                     "one row per token, M rows; slot goes up to M * top_k - 1)")
         raise CheckFailure(f"{where}: {exc.message}", hint) from None

@@ -110,7 +110,8 @@ def _describe(arg: _Arg, addrs: np.ndarray, es: int) -> str:
     side = "past the end of" if after else ("before the start of" if (addrs < arg.lo).all() else "outside")
     if t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]:
         rows = np.unique(off // t.stride(0))
-        return f"{len(addrs)} element(s) {side} {what}: rows {ranges(rows[:64].tolist())} (it has {t.shape[0]})"
+        return (f"{len(addrs)} element(s) {side} {what}: row{'s' if len(rows) > 1 else ''} "
+                f"{ranges(rows[:64].tolist())} (it has {t.shape[0]} rows)")
     if t.dim() == 1:
         idx = np.unique(off // max(1, t.stride(0)))
         return f"{len(addrs)} element(s) {side} {what}: indices {ranges(idx[:64].tolist())} (it has {t.shape[0]})"
