@@ -368,3 +368,20 @@ def fitted_tolerance(dtype: torch.dtype) -> float:
     if dtype == torch.float32 and not ON_GPU:
         return 2e-5
     return TOLERANCE[dtype]
+
+
+def compare_facts(name: str, out, ref, dtype, row_label=lambda i: f"row {i}", rows=None, tol=None) -> float:
+    """:func:`compare` whose inf case reports the facts instead of guessing overflow: inf comes as often from
+    reading memory outside a tensor (a missing mask) as from fp16 overflow."""
+    try:
+        return compare(name, out, ref, dtype, row_label, rows, tol)
+    except CheckFailure as exc:
+        if "contains inf" in exc.message:
+            o = out.detach().double().cpu().reshape(out.shape[0], -1)
+            bad = torch.isinf(o).any(dim=1).nonzero().flatten().tolist()
+            cols = torch.isinf(o).any(dim=0).nonzero().flatten().tolist()
+            raise CheckFailure(f"{name}: {len(bad)} row(s) contain inf: rows {ranges(bad[:64])}, columns "
+                               f"{ranges(cols[:64])}",
+                               hint="inf comes from reading memory outside a tensor (a missing mask on a load) or "
+                                    "from arithmetic that overflows its dtype") from None
+        raise

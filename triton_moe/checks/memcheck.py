@@ -115,6 +115,10 @@ def _describe(arg: _Arg, addrs: np.ndarray, es: int) -> str:
     if t.dim() == 1:
         idx = np.unique(off // max(1, t.stride(0)))
         return f"{len(addrs)} element(s) {side} {what}: indices {ranges(idx[:64].tolist())} (it has {t.shape[0]})"
+    if t.dim() >= 3 and t.is_contiguous():
+        idx = np.unique(off // t.stride(0))
+        return (f"{len(addrs)} element(s) {side} {what}: index {ranges(idx[:64].tolist())} along its first dimension "
+                f"(it has {t.shape[0]})")
     return f"{len(addrs)} element(s) {side} {what}: element offsets {ranges(np.unique(off)[:64].tolist())}"
 
 
@@ -175,8 +179,10 @@ def _check(op: str, ptrs, mask):
     tile = _tile_shape(bad, m)
     verb = {"load": "read", "store": "wrote", "atomic": "atomically updated"}[op]
     where = _describe(arg, bad_addrs, es)
-    tile_txt = {"rows": "; whole rows of the tile are out of range (a row index or row mask bug)",
-                "columns": "; the trailing columns of the tile are out of range (a column mask bug)"}.get(tile, "")
+    shape = "x".join(str(d) for d in p.shape)
+    tile_txt = {"rows": f"; the out-of-range elements are whole rows of the [{shape}] tile accessed",
+                "columns": f"; the out-of-range elements are trailing columns of the [{shape}] tile accessed "
+                           "(a column mask)"}.get(tile, "")
     hint = {"rows": "check the row index of the access (e.g. token = slot // top_k, or the padding sentinel rows) "
                     "and mask rows that are not real (slot < num_slots)",
             "columns": "mask the columns: offs_n < N (and the K tail: offs_k < K - k0 * BLOCK_K) with other=0.0 "
