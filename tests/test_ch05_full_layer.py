@@ -97,3 +97,10 @@ def test_down_combine_unusual_correct_combine_passes():
     # weights applied before the dot (on the h tile) instead of after, and a where-guarded token row
     r = check(DOWN, planted_ns("05", (SCALE, "acc = acc * tl.where(row_mask, weight, 0.0)[:, None]")))
     assert r.passed, str(r)
+
+
+def test_fused_experts_ignoring_out_is_rejected():
+    # the out= option not passed on to down_combine
+    r = check(LAYER, planted_ns("05", ("num_post, deterministic, cfg_down, out)\n    ### END SOLUTION",
+                                       "num_post, deterministic, cfg_down)\n    ### END SOLUTION")))
+    assert r.status == "failed" and "out=" in (r.message + r.hint), str(r)
