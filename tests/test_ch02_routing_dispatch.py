@@ -319,3 +319,10 @@ def test_dispatch_skipped_step_is_not_called_inclusive():
     r = h.check("02:sorted_dispatch", h.planted_ns("02", ("mask=emask, other=0)\n    for s in range(0, CHUNK, SUB):",
                                                           "mask=emask, other=0)\n    for s in range(SUB, CHUNK, SUB):")))
     assert r.status == "failed" and "EXCLUSIVE" not in r.hint and "sorted_token_ids" in r.message, str(r)
+
+
+def test_topk_softmax_fp16_rounded_weights_are_not_called_renormalisation():
+    h = nb()
+    r = h.check("02:topk_softmax", h.planted_ns("02", ("weights = chosen_w / denom[:, None]",
+                                                       "weights = (chosen_w / denom[:, None]).to(tl.float16).to(tl.float32)")))
+    assert r.status == "failed" and "THEIR sum" not in r.hint and "precision" in r.hint, str(r)

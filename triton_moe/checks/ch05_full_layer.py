@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checking import (CheckFailure, Guarded, compare, exercise, expect_tensor, fitted_tolerance, ranges,
+from ..checking import (CheckFailure, Guarded, compare, compare_facts, exercise, expect_tensor, fitted_tolerance, ranges,
                         relative_error, tolerance)
 from ..configs import KernelConfig
 from ..mode import ON_GPU, default_dtype, device
@@ -145,7 +145,7 @@ def check_down_combine(fn, seed):
                                     "and columns (offs_n < N)")
             label = lambda t, ids=p.topk_ids: f"token {t} / experts {ids[t].tolist()}"  # noqa: E731
             try:
-                compare("output", got, ref, dtype, label, tol=tol)
+                compare_facts("output", got, ref, dtype, label, tol=tol)
             except CheckFailure as exc:
                 failures.append((tokens, where, exc, got, C, p.topk_weights, p.topk_ids, tol))
                 break
