@@ -139,16 +139,23 @@ def _tile_shape(bad: np.ndarray, mask: np.ndarray) -> str:
     return ""
 
 
-def _kernel_line() -> str:
-    f = sys._getframe(2)
+def _kernel_line(kernel: str) -> str:
+    """' (in KERNEL, line N: source)' for the innermost frame of the launched kernel (or a @triton.jit function
+    it called, the first frame outside Triton)."""
+    import linecache
+
+    f, first = sys._getframe(2), None
     while f is not None:
         name = f.f_code.co_filename.replace("\\", "/")
-        if "/triton/" not in name and "/numpy/" not in name and not name.endswith("memcheck.py"):
-            import linecache
-            line = linecache.getline(name, f.f_lineno).strip()
-            return f" (in {f.f_code.co_name}, line {f.f_lineno}" + (f": {line}" if line else "") + ")"
+        outside = "/triton/" not in name and "/numpy/" not in name and not name.endswith("memcheck.py")
+        if f.f_code.co_name == kernel or (outside and first is None):
+            line = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+            where = f" (in {f.f_code.co_name}, line {f.f_lineno}" + (f": {line}" if line else "") + ")"
+            if f.f_code.co_name == kernel:
+                return first or where
+            first = where
         f = f.f_back
-    return ""
+    return first or ""
 
 
 def _check(op: str, ptrs, mask):
@@ -187,7 +194,7 @@ def _check(op: str, ptrs, mask):
                     "and mask rows that are not real (slot < num_slots)",
             "columns": "mask the columns: offs_n < N (and the K tail: offs_k < K - k0 * BLOCK_K) with other=0.0 "
                        "on loads"}.get(tile, "mask every load and store to the tensor's real extent")
-    raise MemoryFault(f"{launch.kernel} {verb} {where}{tile_txt}{_kernel_line()}", hint, tile, op, arg.name)
+    raise MemoryFault(f"{launch.kernel} {verb} {where}{tile_txt}{_kernel_line(launch.kernel)}", hint, tile, op, arg.name)
 
 
 def _install():
