@@ -38,7 +38,7 @@ def test_untouched_exercise_is_not_attempted():
 BUGS = {
     "gather-token-id": ("a_rows = slots // a_rows_per_token", "a_rows = slots", "slot // a_rows_per_token"),
     "missing-k-mask": ("k_ok = offs_k < K - k0 * BLOCK_K", "k_ok = offs_k < BLOCK_K", "K tail"),
-    "expert-off-by-one": ("w_ptrs = w_ptr + expert * stride_we", "w_ptrs = w_ptr + (expert + 1) * stride_we", "off by one"),
+    "expert-off-by-one": ("w_ptrs = w_ptr + expert * stride_we", "w_ptrs = w_ptr + (expert + 1) * stride_we", "off-by-one"),
     "padding-rows-stored": ("mask=row_ok[:, None] & (offs_n[None, :] < N))", "mask=(offs_n[None, :] < N))",
                             "sentinel"),
     "missing-n-mask": ("w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)",

@@ -48,7 +48,7 @@ def _fault_hint(exc: CheckFailure, S: int) -> str:
         return ("a has one row per TOKEN (a_rows_per_token slots each): gather row slot // a_rows_per_token, and mask "
                 "padding rows (slot < num_slots: the sentinel M*top_k is no row of a)")
     if "w_ptr" in msg and "read" in msg:
-        return ("is the expert index off by one? expert e's [N, K] matrix starts at w + e * stride_we with "
+        return ("is the expert index off-by-one? expert e's [N, K] matrix starts at w + e * stride_we with "
                 "e = expert_ids[pid_m]; columns past N must be masked")
     if "out_ptr" in msg:
         return ("store row `slot` (sorted_token_ids[row]), not the sorted row index, and mask padding rows "

@@ -163,7 +163,7 @@ def _fault_hint(exc: CheckFailure) -> str:
     if "x_ptr" in msg and "read" in msg:
         return "x has one row per TOKEN: gather row slot // top_k, and mask padding rows (slot < num_slots)"
     if ("w1_ptr" in msg or "w3_ptr" in msg) and "read" in msg:
-        return "is the expert index off by one? expert e's matrix starts at w + e * stride_we, e = expert_ids[pid_m]"
+        return "is the expert index off-by-one? expert e's matrix starts at w + e * stride_we, e = expert_ids[pid_m]"
     if "out_ptr" in msg or "h_ptr" in msg:
         return "store row `slot` (not the sorted row), and mask padding rows (slot < num_slots) and columns (offs_n < N)"
     return exc.hint

@@ -124,6 +124,8 @@ def _describe(arg: _Arg, addrs: np.ndarray, es: int) -> str:
 
 def _tile_shape(bad: np.ndarray, mask: np.ndarray) -> str:
     """Which part of the accessed tile was out of range: 'rows', 'columns' or ''."""
+    if (bad == mask).all():
+        return "all"
     if bad.ndim != 2:
         return ""
     bad_rows = bad.any(axis=1)
@@ -187,10 +189,13 @@ def _check(op: str, ptrs, mask):
     verb = {"load": "read", "store": "wrote", "atomic": "atomically updated"}[op]
     where = _describe(arg, bad_addrs, es)
     shape = "x".join(str(d) for d in p.shape)
-    tile_txt = {"rows": f"; the out-of-range elements are whole rows of the [{shape}] tile accessed",
+    tile_txt = {"all": f"; the whole [{shape}] tile accessed is out of range (its base: a row, block or expert "
+                       "index)",
+                "rows": f"; the out-of-range elements are whole rows of the [{shape}] tile accessed",
                 "columns": f"; the out-of-range elements are trailing columns of the [{shape}] tile accessed "
                            "(a column mask)"}.get(tile, "")
-    hint = {"rows": "check the row index of the access (e.g. token = slot // top_k, or the padding sentinel rows) "
+    hint = {"all": "check the index the tile starts from (the row, block or expert index of the program)",
+            "rows": "check the row index of the access (e.g. token = slot // top_k, or the padding sentinel rows) "
                     "and mask rows that are not real (slot < num_slots)",
             "columns": "mask the columns: offs_n < N (and the K tail: offs_k < K - k0 * BLOCK_K) with other=0.0 "
                        "on loads"}.get(tile, "mask every load and store to the tensor's real extent")
