@@ -326,3 +326,10 @@ def test_topk_softmax_fp16_rounded_weights_are_not_called_renormalisation():
     r = h.check("02:topk_softmax", h.planted_ns("02", ("weights = chosen_w / denom[:, None]",
                                                        "weights = (chosen_w / denom[:, None]).to(tl.float16).to(tl.float32)")))
     assert r.status == "failed" and "THEIR sum" not in r.hint and "precision" in r.hint, str(r)
+
+
+def test_dispatch_ignoring_out_is_rejected():
+    h = nb()
+    r = h.check("02:sorted_dispatch", h.planted_ns("02", ("    if out is None:\n        sorted_token_ids = torch.empty(",
+                                                          "    if True:\n        sorted_token_ids = torch.empty(")))
+    assert r.status == "failed" and "out=" in r.message, str(r)

@@ -293,6 +293,7 @@ def check_sorted_dispatch(fn, seed):
                  Guarded("num_tokens_post_padded", (1,), torch.int32, device(), before=4, after=4))
         out = tuple(g.view for g in g_out)
         g_ids = Guarded("topk_ids", ids.shape, ids.dtype, device(), before=2, after=M + 2, init=ids)
+        used_out = True
         try:
             with watch() as rec:
                 try:
@@ -300,6 +301,7 @@ def check_sorted_dispatch(fn, seed):
                 except TypeError as exc:
                     if "out" not in str(exc):
                         raise
+                    used_out = False
                     got = fn(g_ids.view, E, bm)
         except CheckFailure as exc:
             raise CheckFailure(f"{where}: {exc.message}", exc.hint) from None
@@ -308,6 +310,10 @@ def check_sorted_dispatch(fn, seed):
         if not (isinstance(got, (tuple, list)) and len(got) == 3):
             raise CheckFailure("sorted_dispatch should return (sorted_token_ids, expert_ids, num_tokens_post_padded)")
         sorted_ids, expert_ids, ntpp = got
+        if used_out and any(isinstance(g, torch.Tensor) and g.data_ptr() != o.data_ptr() for g, o in zip(got, out)):
+            raise CheckFailure(f"{where}: out= was given but the results are other tensors",
+                               hint="when out is given, write the three results into it (a CUDA graph reuses those "
+                                    "buffers) and return them")
         expect_tensor("sorted_token_ids", sorted_ids, (size,), torch.int32, device())
         expect_tensor("expert_ids", expert_ids, (max_blocks,), torch.int32, device())
         expect_tensor("num_tokens_post_padded", ntpp, (1,), torch.int32, device())
@@ -347,7 +353,10 @@ def check_sorted_dispatch(fn, seed):
             what = "still the poison: never written" if got_v == -7777 else f"got {got_v}"
             raise CheckFailure(f"{where}: row {r} is padding ({'past the end' if r >= used else 'inside a run'}) "
                                f"and must hold the sentinel M*top_k = {S}; {what}",
-                               hint="wrong padding sentinel: fill every row of every block with num_slots = M*top_k "
+                               hint=("rows left unwritten: the layout kernel must store the sentinel in every row of "
+                                     "every block (all max_blocks * BLOCK_M rows: check its grid and store mask)")
+                               if got_v == -7777 else
+                               "wrong padding sentinel: fill every row of every block with num_slots = M*top_k "
                                     "(one past the last real slot, so the GEMM can mask it with slot < num_slots)")
         if not torch.equal(sorted_ids, r_sorted):
             rows = (sorted_ids != r_sorted).nonzero().flatten()

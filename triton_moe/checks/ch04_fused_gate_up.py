@@ -130,6 +130,9 @@ def check_fused_gate_up(fn, seed):
         except CheckFailure as exc:
             raise CheckFailure(f"{where}: {exc.message}", _fault_hint(exc)) from None
         expect_tensor("fused_gate_up's result", got, (S, shape.ffn), dtype, dev)
+        if got.data_ptr() != out.view.data_ptr():
+            raise CheckFailure(f"{where}: the result is not the out= tensor that was passed",
+                               hint="when out is given, the kernel must write into it and the function return it")
         for g in (out, gx, g1, g3):
             g.check(where, hint="store row `slot`, mask padding rows (slot < num_slots) and columns (offs_n < N)")
         g, u = projections(p.x, p.w1, p.w3, p.topk_ids)
