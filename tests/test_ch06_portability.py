@@ -223,3 +223,12 @@ def test_vendor_table_runs_on_this_gpu():
         out = demo.tiled_matmul(a, w, cfg)
         ref = a.double() @ w.double().T
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2, cfg
+
+
+def test_unusual_correct_lds_formula_passes(monkeypatch):
+    body = ("    a = cfg.BLOCK_M * cfg.BLOCK_K * elem_bytes\n    w = cfg.BLOCK_K * cfg.BLOCK_N * elem_bytes\n"
+            "    return max(a, w) if cfg.num_stages == 1 else (cfg.num_stages - 1) * (a + w)\n")
+    old = ("    if cfg.num_stages <= 1:  # no pipelining: one operand tile at a time, in one buffer\n"
+           "        return max(cfg.BLOCK_M, cfg.BLOCK_N) * cfg.BLOCK_K * elem_bytes\n" + MULTI)
+    r = nb().check(LDS, planted(monkeypatch, (old, body)))
+    assert r.passed, str(r)

@@ -47,3 +47,8 @@ def test_planted_bug_is_rejected(name):
     replace, expect = BUGS[name]
     r = check(KEY, planted_ns("07", *replace))
     assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+def test_unusual_correct_solution_passes():
+    r = check(KEY, planted_ns("07", (ACTIVE, "active = len(set(topk_ids.flatten().tolist()))")))
+    assert r.passed, str(r)
