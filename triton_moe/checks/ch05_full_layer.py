@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checking import (CheckFailure, Guarded, compare, compare_facts, exercise, expect_tensor, fitted_tolerance, ranges,
-                        relative_error, tolerance)
+from ..checking import (CheckFailure, Guarded, compare, compare_facts, exercise, expect_tensor, fitted_tolerance,
+                        ranges, relative_error)
 from ..configs import KernelConfig
 from ..mode import ON_GPU, default_dtype, device
 from ..reference import expert_contributions, make_problem, moe_reference, sorted_dispatch_reference
@@ -85,7 +85,7 @@ def guarded_inputs(p, h, cfg):
     """h, w2 and the routing weights inside NaN-poisoned guard memory: a read past any of them (the padding
     sentinel's row of h, one expert too far in w2, slot instead of flat index) returns NaN into the result."""
     dev = h.device
-    S, (E, H, F) = h.shape[0], p.w2.shape
+    S = h.shape[0]
     gh = Guarded("h", h.shape, h.dtype, dev, before=cfg.BLOCK_M, after=S + cfg.BLOCK_M, init=h)
     gw = Guarded("w2", p.w2.shape, p.w2.dtype, dev, before=1, after=1, init=p.w2)
     gt = Guarded("topk_weights", p.topk_weights.shape, p.topk_weights.dtype, dev, before=4, after=S + 4,

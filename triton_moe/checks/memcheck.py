@@ -351,8 +351,3 @@ def _fault_in(exc):
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
-
-
-def fault_of(exc: CheckFailure) -> str:
-    """The tile signature ('rows', 'columns', 'race', '') of a CheckFailure raised by :func:`watch`."""
-    return getattr(exc, "kind", "")
