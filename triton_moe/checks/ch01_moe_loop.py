@@ -69,22 +69,31 @@ def check_route_topk(fn, seed):
                                hint="exp of a large logit overflows float32: subtract the row max before exp "
                                     "(torch.softmax does)" if scale > 1 else "")
         ref_w, ref_ids = route_reference(logits, k)
-        # Any order of the k slots is fine: compare (expert, weight) pairs sorted by expert id.
-        got_ids, order = torch.sort(ids.long().cpu(), dim=1)
-        got_w = torch.gather(w.double().cpu(), 1, order)
-        exp_ids, exp_order = torch.sort(ref_ids.cpu(), dim=1)
-        exp_w = torch.gather(ref_w.cpu(), 1, exp_order)
-        bad = (got_ids != exp_ids).any(dim=1).nonzero().flatten()
+        # Any order of the k slots is fine, and among EQUAL logits any expert is (torch.topk does not promise
+        # which): a token's choice is right when its experts are distinct and their logits are the k largest.
+        lg = logits.double().cpu()
+        got_ids = ids.long().cpu()
+        if ((got_ids < 0) | (got_ids >= E)).any():
+            t = int(((got_ids < 0) | (got_ids >= E)).any(dim=1).nonzero()[0])
+            raise CheckFailure(f"{where}: token {t} chose experts {got_ids[t].tolist()}: ids must be in [0, {E})")
+        got_vals, order = torch.sort(torch.gather(lg, 1, got_ids), dim=1, descending=True)
+        exp_vals = torch.sort(torch.gather(lg, 1, ref_ids.cpu()), dim=1, descending=True).values
+        dup = torch.tensor([len(set(r.tolist())) < k for r in got_ids], dtype=torch.bool)
+        bad = ((got_vals != exp_vals).any(dim=1) | dup).nonzero().flatten()
         if len(bad):
             t = int(bad[0])
-            lg = logits[t].double()
-            tie = len(set(lg[got_ids[t]].tolist()) | set(lg[exp_ids[t]].tolist())) < len(set(got_ids[t].tolist()) |
-                                                                                         set(exp_ids[t].tolist()))
-            raise CheckFailure(f"{where}: token {t} chose experts {got_ids[t].tolist()}, expected {exp_ids[t].tolist()} "
-                               f"({len(bad)} of {tokens} tokens wrong)" +
-                               ("; two of these experts have EQUAL logits: ties go to the lower expert index "
-                                "(torch.topk's order)" if tie else ""),
+            row = lg[t]
+            tied = len(set(row.tolist())) < E
+            raise CheckFailure(f"{where}: token {t} chose experts {sorted(got_ids[t].tolist())}, expected "
+                               f"{sorted(ref_ids[t].tolist())} ({len(bad)} of {tokens} tokens wrong)" +
+                               ("; the same expert twice" if bool(dup[t]) else "") +
+                               ("; this token has experts with EQUAL logits: a tie must not remove both (or pick "
+                                "one twice)" if tied else ""),
                                hint="top-k of the softmax probabilities along the expert dimension (dim=-1)")
+        # weights matched by value: sorted in decreasing order on both sides
+        got_w = torch.gather(w.double().cpu(), 1, order)
+        exp_w = torch.sort(ref_w.cpu(), dim=1, descending=True).values
+        got_ids = torch.gather(got_ids, 1, order)
         err = relative_error(got_w, exp_w)
         if err > 1e-5:
             t = int((got_w - exp_w).abs().max(dim=1).values.argmax())
