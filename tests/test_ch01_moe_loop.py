@@ -52,3 +52,50 @@ LOOP_BUGS = [
 def test_loop_bug_is_rejected(old, new, expect):
     r = check("01:moe_forward_loop", planted_ns("01", (old, new)))
     assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+# Issue 10 classes: other expert counts (hard-coded 8), ties at first place, large logits, output dtype, fp16.
+SOFTMAX = "probs = torch.softmax(logits.float(), dim=-1)"
+MORE_ROUTE_BUGS = {
+    "no-max-subtraction": (SOFTMAX, "probs = torch.exp(logits.float()) / torch.exp(logits.float()).sum(-1, keepdim=True)",
+                           "subtract the row max"),
+    "fp64-weights": ("return weights / weights.sum(dim=-1, keepdim=True), ids",
+                     "return (weights / weights.sum(dim=-1, keepdim=True)).double(), ids", "dtype"),
+    "tie-drops-both": ("    weights, ids = torch.topk(probs, top_k, dim=-1)\n",
+                       "    ws, idl, p = [], [], probs.clone()\n"
+                       "    for _ in range(top_k):\n"
+                       "        best = p.max(dim=-1, keepdim=True).values\n"
+                       "        i = torch.argmax(p, dim=-1, keepdim=True)\n"
+                       "        ws.append(best); idl.append(i)\n"
+                       "        p = torch.where(p == best, -1.0, p)\n"
+                       "    weights, ids = torch.cat(ws, 1), torch.cat(idl, 1)\n", "EQUAL logits"),
+    "no-renormalise": ("return weights / weights.sum(dim=-1, keepdim=True), ids", "return weights, ids", "renormalise"),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_ROUTE_BUGS))
+def test_route_issue10_bug_is_rejected(name):
+    old, new, expect = MORE_ROUTE_BUGS[name]
+    r = check("01:route_topk", planted_ns("01", (old, new)))
+    assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+MORE_LOOP_BUGS = {
+    "hard-coded-8-experts": ("for e in range(w1.shape[0]):", "for e in range(8):", "E="),
+    "fp32-output": ("return out.to(x.dtype)", "return out", "dtype"),
+    "fp16-path": ("h = x[token]\n", "h = x[token].half()\n", ""),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_LOOP_BUGS))
+def test_loop_issue10_bug_is_rejected(name):
+    old, new, expect = MORE_LOOP_BUGS[name]
+    r = check("01:moe_forward_loop", planted_ns("01", (old, new)))
+    assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+def test_unusual_correct_route_passes():
+    # softmax by hand with the max subtracted, top-k with sorted=False
+    r = check("01:route_topk", planted_ns("01", (SOFTMAX, "z = logits.float() - logits.float().max(-1, keepdim=True).values\n"
+                                                        "    probs = z.exp() / z.exp().sum(-1, keepdim=True)")))
+    assert r.passed, str(r)

@@ -285,3 +285,56 @@ def test_router_launch_table(tmp_path):
     assert configs.table("topk_softmax", target="gfx942", tables=tmp_path).source == "portable"
     if not ON_GPU:  # the interpreter always uses the defaults
         assert routing.launch_config("topk_softmax", 8) == (routing.tokens_per_program(8), 4)
+
+
+# Issue 10 classes: ties at first place, large logits, non-power-of-two experts, writes past an output, a skipped
+# loop step that must not be called an inclusive rank, and unusual correct solutions.
+REMOVE = 'x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)'
+MORE_TOPK_BUGS = {
+    "remove-all-equal": (REMOVE, 'x = tl.where(x == best[:, None], float("-inf"), x)', "EQUAL logits"),
+    "weights-without-max": ("tl.exp(best - x_max)[:, None]", "tl.exp(best)[:, None]", "subtract the max"),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_TOPK_BUGS))
+def test_topk_softmax_issue10_bug_is_rejected(name):
+    old, new, expect = MORE_TOPK_BUGS[name]
+    h = nb()
+    r = h.check("02:topk_softmax", h.planted_ns("02", (old, new)))
+    assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+def test_topk_softmax_unusual_argmax_passes():
+    # tl.argmax breaks ties to the left (lower index), as the reference does
+    h = nb()
+    r = h.check("02:topk_softmax", h.planted_ns("02", ("idx = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_E), axis=1)",
+                                                       "idx = tl.argmax(x, axis=1)")))
+    assert r.passed, str(r)
+
+
+def test_dispatch_unmasked_sentinel_store_is_reported_not_crashing():
+    h = nb()
+    r = h.check("02:sorted_dispatch", h.planted_ns("02", ("tl.store(sorted_token_ids_ptr + rows, sentinel, mask=rows < max_blocks * BLOCK_M)",
+                                                          "tl.store(sorted_token_ids_ptr + rows, sentinel)")))
+    assert r.status == "failed" and "past the end of sorted_token_ids" in r.message, str(r)
+
+
+def test_dispatch_skipped_step_is_not_called_inclusive():
+    h = nb()
+    r = h.check("02:sorted_dispatch", h.planted_ns("02", ("mask=emask, other=0)\n    for s in range(0, CHUNK, SUB):",
+                                                          "mask=emask, other=0)\n    for s in range(SUB, CHUNK, SUB):")))
+    assert r.status == "failed" and "EXCLUSIVE" not in r.hint and "sorted_token_ids" in r.message, str(r)
+
+
+def test_topk_softmax_fp16_rounded_weights_are_not_called_renormalisation():
+    h = nb()
+    r = h.check("02:topk_softmax", h.planted_ns("02", ("weights = chosen_w / denom[:, None]",
+                                                       "weights = (chosen_w / denom[:, None]).to(tl.float16).to(tl.float32)")))
+    assert r.status == "failed" and "THEIR sum" not in r.hint and "precision" in r.hint, str(r)
+
+
+def test_dispatch_ignoring_out_is_rejected():
+    h = nb()
+    r = h.check("02:sorted_dispatch", h.planted_ns("02", ("    if out is None:\n        sorted_token_ids = torch.empty(",
+                                                          "    if True:\n        sorted_token_ids = torch.empty(")))
+    assert r.status == "failed" and "out=" in r.message, str(r)

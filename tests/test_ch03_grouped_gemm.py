@@ -36,13 +36,19 @@ def test_untouched_exercise_is_not_attempted():
 
 
 BUGS = {
-    "gather-token-id": ("a_rows = slots // a_rows_per_token", "a_rows = slots", "token_id // top_k"),
-    "missing-k-mask": ("k_ok = offs_k < K - k0 * BLOCK_K", "k_ok = offs_k < BLOCK_K", "K mask"),
+    "gather-token-id": ("a_rows = slots // a_rows_per_token", "a_rows = slots", "slot // a_rows_per_token"),
+    "missing-k-mask": ("k_ok = offs_k < K - k0 * BLOCK_K", "k_ok = offs_k < BLOCK_K", "K tail"),
     "expert-off-by-one": ("w_ptrs = w_ptr + expert * stride_we", "w_ptrs = w_ptr + (expert + 1) * stride_we", "off-by-one"),
     "padding-rows-stored": ("mask=row_ok[:, None] & (offs_n[None, :] < N))", "mask=(offs_n[None, :] < N))",
                             "sentinel"),
     "missing-n-mask": ("w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)",
-                       "w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)", None),
+                       "w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)", "offs_n < N"),
+    # issue 10: a missing N mask on the STORE is not the padding sentinel; fp16 rounding in an fp32 path;
+    # a torch result in the host function with the kernel left untouched
+    "store-no-n-mask": ("mask=row_ok[:, None] & (offs_n[None, :] < N))", "mask=row_ok[:, None])", "offs_n < N"),
+    "fp16-accumulate": ("acc = tl.dot(a, w, acc)\n", "acc = tl.dot(a.to(tl.float16), w.to(tl.float16), acc)\n",
+                        "relative error"),
+    "no-k-tail-mask-inside": ("k_ok = offs_k < K - k0 * BLOCK_K", "k_ok = offs_k < K", "K tail"),
 }
 
 
@@ -51,10 +57,20 @@ def test_planted_bug_is_rejected(name):
     old, new, expect = BUGS[name]
     h = nb()
     r = h.check(KEY, h.planted_ns("03", (old, new)))
-    if expect is None:  # reading columns past N only changes columns that are never stored: harmless
-        assert r.passed, str(r)
-        return
     assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+UNUSUAL = {
+    # correct but unusual: padding rows clamped to row 0 with tl.where instead of masked loads
+    "where-clamped-rows": ("a_rows = slots // a_rows_per_token", "a_rows = tl.where(row_ok, slots, 0) // a_rows_per_token"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNUSUAL))
+def test_unusual_correct_solution_passes(name):
+    h = nb()
+    r = h.check(KEY, h.planted_ns("03", UNUSUAL[name]))
+    assert r.passed, str(r)
 
 
 def _problem(M=8, E=8, k=2, N=96, K=64, dtype=torch.float32, seed=0):

@@ -35,7 +35,27 @@ BUGS = {
     # the last slot's row is dropped
     "dropped-row": ([("row_mask = slot < num_slots                       #",
                       "row_mask = slot < num_slots - 1                   #")], "never written"),
+    # issue 10: the K tail of x unmasked (reads the next row, and past the end of x)
+    "x-k-tail-unmasked": ([("a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < k_remaining), other=0.0)",
+                            "a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)")], "K tail"),
+    # fp16 rounding of the gate in an fp32 path
+    "fp16-rounding": ([(EPILOGUE, "h = (acc_gate * tl.sigmoid(acc_gate)).to(tl.float16).to(tl.float32) * acc_up")],
+                      "relative error"),
+    # the loop runs one K step short
+    "k-step-short": ([("acc_gate = tl.dot(a, w_gate, acc_gate)\n", "acc_gate = tl.dot(a, w_gate, acc_gate) if k < 1 else acc_gate\n")],
+                     "relative error"),
 }
+
+UNUSUAL = {
+    # silu written out, and the sigmoid of the accumulators computed through exp
+    "silu-by-exp": [(EPILOGUE, "h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up")],
+}
+
+
+@pytest.mark.parametrize("name", list(UNUSUAL))
+def test_unusual_correct_solution_passes(name):
+    r = check(KEY, planted_ns("04", *UNUSUAL[name]))
+    assert r.passed, str(r)
 
 
 @pytest.mark.parametrize("name", list(BUGS))

@@ -28,7 +28,7 @@ DOWN_BUGS = {
     "weight-twice": ([(SCALE, "acc = acc * weight[:, None] * weight[:, None]")], "applied twice"),
     "dropped-slot": ([("row_mask = slot < num_slots\n", "row_mask = slot < num_slots - 1\n")], "missing the contribution"),
     "store-not-add": ([(ATOMIC, "tl.store(acc_ptr + token[:, None] * stride_am + offs_n[None, :] * stride_an, acc, mask=mask)")],
-                      "exactly ONE"),
+                      "tl.atomic_add"),
     "dropped-tokens": ([("    mask = row_mask[:, None] & (offs_n[None, :] < N)\n",
                          "    mask = row_mask[:, None] & (offs_n[None, :] < N) & (slot[:, None] >= 2 * top_k)\n")],
                        "no contribution at all"),
@@ -58,3 +58,49 @@ def test_fused_experts_bug_is_rejected(name):
     replace, expect = LAYER_BUGS[name]
     r = check(LAYER, planted_ns("05", *replace))
     assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+# Issue 10 classes: out-of-bounds atomic (row slot instead of token) without a crash, a read-modify-write race,
+# a result computed by torch in the host function, a missing N mask on the store, an unusual correct combine.
+TORCH_HOST = ("    down_combine_kernel[grid](",
+              "    st = sorted_token_ids.long()\n"
+              "    blk = expert_ids.long().repeat_interleave(block_m)[: st.numel()]\n"
+              "    ok = (st < M * top_k) & (blk >= 0)\n"
+              "    y = torch.einsum('sf,shf->sh', h[st[ok]].float(), w2[blk[ok]].float()) * weights[st[ok], None]\n"
+              "    out.copy_(torch.zeros(M, H).index_add_(0, st[ok] // top_k, y).to(out.dtype))\n"
+              "    return out\n"
+              "    down_combine_kernel[grid](")
+EPILOGUE = ("    weight = tl.load(topk_weights_ptr + slot, mask=row_mask, other=0.0)\n"
+            "    acc = acc * weight[:, None]\n")
+
+MORE_DOWN_BUGS = {
+    "atomic-row-slot": ([("tl.atomic_add(acc_ptr + token[:, None]", "tl.atomic_add(acc_ptr + slot[:, None]")],
+                        "slot // top_k"),
+    "read-modify-write": ([(ATOMIC, "old = tl.load(acc_ptr + token[:, None] * stride_am + offs_n[None, :] * stride_an, "
+                                    "mask=mask, other=0.0)\n"
+                                    "        tl.store(acc_ptr + token[:, None] * stride_am + offs_n[None, :] * stride_an, "
+                                    "old + acc, mask=mask)")], "tl.atomic_add"),
+    "torch-in-host": ([TORCH_HOST], "torch computation"),
+    "no-n-mask": ([("    mask = row_mask[:, None] & (offs_n[None, :] < N)\n", "    mask = row_mask[:, None]\n")],
+                  "column"),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_DOWN_BUGS))
+def test_down_combine_issue10_bug_is_rejected(name):
+    replace, expect = MORE_DOWN_BUGS[name]
+    r = check(DOWN, planted_ns("05", *replace))
+    assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+def test_down_combine_unusual_correct_combine_passes():
+    # weights applied before the dot (on the h tile) instead of after, and a where-guarded token row
+    r = check(DOWN, planted_ns("05", (SCALE, "acc = acc * tl.where(row_mask, weight, 0.0)[:, None]")))
+    assert r.passed, str(r)
+
+
+def test_fused_experts_ignoring_out_is_rejected():
+    # the out= option not passed on to down_combine
+    r = check(LAYER, planted_ns("05", ("num_post, deterministic, cfg_down, out)\n    ### END SOLUTION",
+                                       "num_post, deterministic, cfg_down)\n    ### END SOLUTION")))
+    assert r.status == "failed" and "out=" in (r.message + r.hint), str(r)

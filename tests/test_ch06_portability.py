@@ -72,10 +72,14 @@ def test_lds_overflow_message_explains_the_fix(monkeypatch):
     assert "98304 B of LDS" in r.message and "65536" in r.message and "num_stages" in r.hint, str(r)
 
 
+MULTI = "    return (cfg.num_stages - 1) * (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * elem_bytes\n"
 LDS_BUGS = {
-    "hopper-buffers": ("buffers = max(1, cfg.num_stages - 1)", "buffers = cfg.num_stages", "num_stages buffers"),
-    "elements-not-bytes": (" * elem_bytes\n", "\n", "bytes, not elements"),
-    "only-the-a-tile": ("(cfg.BLOCK_M + cfg.BLOCK_N)", "cfg.BLOCK_M", "both operand tiles"),
+    "hopper-buffers": (MULTI, MULTI.replace("(cfg.num_stages - 1)", "cfg.num_stages"), "num_stages buffers"),
+    "elements-not-bytes": (MULTI, MULTI.replace(" * elem_bytes", ""), "bytes, not elements"),
+    "only-the-a-tile": (MULTI, MULTI.replace("(cfg.BLOCK_M + cfg.BLOCK_N)", "cfg.BLOCK_M"), "both operand tiles"),
+    # issue 10: the old formula (one buffer of both tiles at num_stages = 1), and elem_bytes hard-coded
+    "stage-1-both-tiles": ("max(cfg.BLOCK_M, cfg.BLOCK_N)", "(cfg.BLOCK_M + cfg.BLOCK_N)", "num_stages=1"),
+    "elem-bytes-ignored": (MULTI, MULTI.replace(" * elem_bytes", " * 2"), "elem_bytes is ignored"),
 }
 
 
@@ -114,6 +118,13 @@ def test_observed_lds_table_matches_the_committed_report():
             assert ch06.OBSERVED_GFX942_LDS[key] == r.shared, (r.spec, r.shared)
             seen += 1
     assert seen >= 3
+
+
+def test_lds_reference_rule_matches_every_observed_row():
+    for (bm, bn, bk, s), v in ch06.OBSERVED_GFX942_LDS.items():
+        assert ch06.gfx942_lds_reference(bm, bn, bk, s, 2) == v, (bm, bn, bk, s)
+    for (bm, bn, bk, s, eb), v in ch06.OBSERVED_GFX942_LDS_BY_SIZE.items():
+        assert ch06.gfx942_lds_reference(bm, bn, bk, s, eb) == v, (bm, bn, bk, s, eb)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,3 +223,12 @@ def test_vendor_table_runs_on_this_gpu():
         out = demo.tiled_matmul(a, w, cfg)
         ref = a.double() @ w.double().T
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-2, cfg
+
+
+def test_unusual_correct_lds_formula_passes(monkeypatch):
+    body = ("    a = cfg.BLOCK_M * cfg.BLOCK_K * elem_bytes\n    w = cfg.BLOCK_K * cfg.BLOCK_N * elem_bytes\n"
+            "    return max(a, w) if cfg.num_stages == 1 else (cfg.num_stages - 1) * (a + w)\n")
+    old = ("    if cfg.num_stages <= 1:  # no pipelining: one operand tile at a time, in one buffer\n"
+           "        return max(cfg.BLOCK_M, cfg.BLOCK_N) * cfg.BLOCK_K * elem_bytes\n" + MULTI)
+    r = nb().check(LDS, planted(monkeypatch, (old, body)))
+    assert r.passed, str(r)

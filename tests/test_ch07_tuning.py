@@ -33,6 +33,12 @@ BUGS = {
     "no-activations": ([(MOVED, "moved = active * shape.weight_bytes_per_expert(bytes_per_elem)")], "activation bytes"),
     # seconds, not milliseconds
     "seconds": ([(FLOOR, "return max(t_bytes, t_flops)")], "expected"),
+    # issue 10: the bytes_per_elem option ignored; the committed ceilings hard-coded
+    "bytes-hard-coded": ([(MOVED, "moved = active * shape.weight_bytes_per_expert(2) + shape.activation_bytes(M, 2)")],
+                         "bytes_per_elem argument"),
+    "ceilings-hard-coded": ([('t_bytes = moved / (ceilings["copy_GBps"] * 1e9)', "t_bytes = moved / (3000.0 * 1e9)"),
+                             ('t_flops = shape.flops(M) / (ceilings["matmul_TFLOPs"] * 1e12)',
+                              "t_flops = shape.flops(M) / (695.0 * 1e12)")], "ceilings passed in"),
 }
 
 
@@ -41,3 +47,8 @@ def test_planted_bug_is_rejected(name):
     replace, expect = BUGS[name]
     r = check(KEY, planted_ns("07", *replace))
     assert r.status == "failed" and expect in (r.message + r.hint), str(r)
+
+
+def test_unusual_correct_solution_passes():
+    r = check(KEY, planted_ns("07", (ACTIVE, "active = len(set(topk_ids.flatten().tolist()))")))
+    assert r.passed, str(r)

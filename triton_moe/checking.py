@@ -452,3 +452,94 @@ def exercise(chapter: str, name: str, points: int = 1, hint: str = "", kernels: 
         return ex
 
     return wrap
+
+
+# --------------------------------------------------------------------------------------------------
+# Guard memory (added for issue 10: no exercise can crash the checker, out-of-bounds reads show up)
+
+
+class Guarded:
+    """A tensor ``view`` inside one allocation with poisoned guard rows before and after it (NaN for floats,
+    -7777 for integers). Outputs: guards that changed mean the kernel wrote past the view ("wrote rows ...
+    past the end of out"). Inputs: a read past the view gets NaN, which shows in the result instead of being
+    absorbed; :meth:`check` also proves the input itself was not overwritten.
+
+    ``before``/``after`` count rows of ``shape[1:]`` (elements for a 1-D shape). Make them large enough for
+    the plausible bug (row ``slot`` instead of ``token`` reaches top_k times too far), so such a write lands
+    here and not in the heap."""
+
+    def __init__(self, name: str, shape, dtype, device, before: int = 0, after: int = 0, init=None,
+                 guard_value: float | None = None):
+        shape = tuple(int(s) for s in shape)
+        row = 1
+        for s in shape[1:]:
+            row *= s
+        rows = shape[0] if shape else 1
+        self.name, self.shape, self.before, self.after, self.row = name, shape, before, after, row
+        self.buf = poison_(torch.empty((before + rows + after) * row, dtype=dtype, device=device))
+        # an atomic add into NaN stays NaN: accumulators get a finite guard value, any change of it shows
+        self.guard_value = guard_value
+        if guard_value is not None:
+            self.buf.fill_(guard_value)
+        self.view = self.buf[before * row:(before + rows) * row].view(shape)
+        self.initial = None
+        if init is not None:
+            self.view.copy_(init)
+            self.initial = self.view.clone()
+
+    def _poisoned(self, t: torch.Tensor) -> torch.Tensor:
+        if self.guard_value is not None:
+            return t == self.guard_value
+        return torch.isnan(t) if t.dtype.is_floating_point else t == -7777
+
+    def check(self, where: str = "", hint: str = "") -> None:
+        """Raise a CheckFailure if a guard changed (or an input was overwritten)."""
+        prefix = f"{where}: " if where else ""
+        lead = self.buf[: self.before * self.row].view(-1, self.row) if self.before else None
+        tail = self.buf[(self.before + self.shape[0]) * self.row:].view(-1, self.row) if self.after else None
+        what = "rows" if len(self.shape) > 1 else "elements"
+        for part, side, offset in ((tail, "past the end of", self.shape[0]), (lead, "before the start of", -self.before)):
+            if part is None:
+                continue
+            hit = (~self._poisoned(part)).any(dim=1).nonzero().flatten()
+            if len(hit):
+                idx = [offset + int(r) for r in hit]
+                raise CheckFailure(f"{prefix}wrote {what} {ranges(idx[:64])} {side} {self.name} "
+                                   f"(it has {self.shape[0]} {what})",
+                                   hint or "an index or a mask lets the kernel write outside the tensor: check the row "
+                                           "each element goes to and mask rows and columns that are not real")
+        if self.initial is not None:
+            changed = (self.view != self.initial) & ~(torch.isnan(self.view) & torch.isnan(self.initial)
+                                                      if self.view.dtype.is_floating_point else False)
+            if changed.any():
+                r = int(changed.reshape(self.shape[0], -1).any(dim=1).nonzero()[0])
+                raise CheckFailure(f"{prefix}the input {self.name} was overwritten (row {r} changed)",
+                                   hint="a kernel must not store into its inputs: check the pointer of each tl.store")
+
+
+def fitted_tolerance(dtype: torch.dtype) -> float:
+    """:data:`TOLERANCE`, tightened for float32 on the CPU: the interpreter's fp32 ``tl.dot`` is plain fp32
+    (no tf32), so an error above ~1e-6 there means a rounding the exercise does not ask for (e.g. an fp16
+    intermediate in an fp32 path)."""
+    from .mode import ON_GPU
+
+    if dtype == torch.float32 and not ON_GPU:
+        return 2e-5
+    return TOLERANCE[dtype]
+
+
+def compare_facts(name: str, out, ref, dtype, row_label=lambda i: f"row {i}", rows=None, tol=None) -> float:
+    """:func:`compare` whose inf case reports the facts instead of guessing overflow: inf comes as often from
+    reading memory outside a tensor (a missing mask) as from fp16 overflow."""
+    try:
+        return compare(name, out, ref, dtype, row_label, rows, tol)
+    except CheckFailure as exc:
+        if "contains inf" in exc.message:
+            o = out.detach().double().cpu().reshape(out.shape[0], -1)
+            bad = torch.isinf(o).any(dim=1).nonzero().flatten().tolist()
+            cols = torch.isinf(o).any(dim=0).nonzero().flatten().tolist()
+            raise CheckFailure(f"{name}: {len(bad)} row(s) contain inf: rows {ranges(bad[:64])}, columns "
+                               f"{ranges(cols[:64])}",
+                               hint="inf comes from reading memory outside a tensor (a missing mask on a load) or "
+                                    "from arithmetic that overflows its dtype") from None
+        raise

@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checking import CheckFailure, compare, exercise, expect_tensor, poisoned, ranges, relative_error, tolerance
+from ..checking import (CheckFailure, Guarded, compare_facts, exercise, expect_tensor, fitted_tolerance, ranges,
+                        relative_error)
 from ..configs import KernelConfig
 from ..mode import ON_GPU, default_dtype, device
 from ..reference import make_problem, sorted_dispatch_reference
 from ..shapes import MoEShape, shape_for_mode
+from .memcheck import watch
 
 # K and N tails: hidden = 80 is no multiple of BLOCK_K, ffn = 96 none of BLOCK_N.
 ODD = MoEShape("odd sizes (K and N tails)", hidden=80, ffn=96, experts=4, top_k=2)
@@ -28,10 +30,17 @@ def case_config(block_m: int = 16) -> KernelConfig:
                         num_stages=3 if ON_GPU else 1)
 
 
+# No power of two anywhere: 6 experts, top-3, hidden 72 (K tail), ffn 40 (N tail); fp16 on the CPU.
+ODD6 = MoEShape("6 experts, top-3, odd sizes", hidden=72, ffn=40, experts=6, top_k=3)
+
+
 def cases():
-    return (("mixtral", shape_for_mode("mixtral"), 1, "uniform"),
-            ("odd", ODD, 37, "empty"),
-            ("qwen3", shape_for_mode("qwen3"), 24, "skewed"))
+    """(name, shape, tokens, routing, dtype)."""
+    dt = default_dtype()
+    return (("mixtral", shape_for_mode("mixtral"), 1, "uniform", dt),
+            ("odd", ODD, 37, "empty", dt),
+            ("odd6", ODD6, 13, "skewed", torch.float16),
+            ("qwen3", shape_for_mode("qwen3"), 24, "skewed", dt))
 
 
 def projections(x, w1, w3, topk_ids):
@@ -98,25 +107,40 @@ def diagnose(out, x, w1, w3, topk_ids, tol, block_k: int) -> str:
           hint="in the K loop load the x tile once and a W1 and a W3 tile, accumulate two tl.dot products in fp32; "
                "after the loop h = silu(acc_gate) * acc_up")
 def check_fused_gate_up(fn, seed):
-    dtype = default_dtype()
-    tol = tolerance(dtype)
     dev = device()
     done = []
-    for i, (name, shape, tokens, routing) in enumerate(cases()):
+    for i, (name, shape, tokens, routing, dtype) in enumerate(cases()):
+        tol = fitted_tolerance(dtype)
         p = make_problem(shape, tokens, dtype, dev, seed + i, routing)
         k, E = shape.top_k, shape.experts
         cfg = case_config()
         st, ei, npp = sorted_dispatch_reference(p.topk_ids, E, cfg.BLOCK_M)
-        out = poisoned((tokens * k, shape.ffn), dtype, dev)
-        got = fn(p.x, p.w1, p.w3, st, ei, npp, k, config=cfg, out=out)
-        expect_tensor("fused_gate_up's result", got, (tokens * k, shape.ffn), dtype, dev)
+        S = tokens * k
+        # NaN guards: a read past x, w1 or w3 shows as NaN in h; a write past h lands in its guard. Deep enough
+        # for a gather of row `slot` (top_k times too far), the sentinel row and one expert too far.
+        gx = Guarded("x", p.x.shape, dtype, dev, before=cfg.BLOCK_M, after=S + cfg.BLOCK_M, init=p.x)
+        g1 = Guarded("w1", p.w1.shape, dtype, dev, before=1, after=1, init=p.w1)
+        g3 = Guarded("w3", p.w3.shape, dtype, dev, before=1, after=1, init=p.w3)
+        out = Guarded("out", (S, shape.ffn), dtype, dev, before=cfg.BLOCK_M, after=st.numel() + 2)
+        where = f"{name}, M={tokens}, top-{k} of {E} experts, hidden={shape.hidden}, ffn={shape.ffn}, " \
+                f"{str(dtype).replace('torch.', '')}, {routing} routing"
+        try:
+            with watch() as rec:
+                got = fn(gx.view, g1.view, g3.view, st, ei, npp, k, config=cfg, out=out.view)
+        except CheckFailure as exc:
+            raise CheckFailure(f"{where}: {exc.message}", _fault_hint(exc)) from None
+        expect_tensor("fused_gate_up's result", got, (S, shape.ffn), dtype, dev)
+        if got.data_ptr() != out.view.data_ptr():
+            raise CheckFailure(f"{where}: the result is not the out= tensor that was passed",
+                               hint="when out is given, the kernel must write into it and the function return it")
+        for g in (out, gx, g1, g3):
+            g.check(where, hint="store row `slot`, mask padding rows (slot < num_slots) and columns (offs_n < N)")
         g, u = projections(p.x, p.w1, p.w3, p.topk_ids)
         ref = F.silu(g) * u
         flat = p.topk_ids.reshape(-1).tolist()
         label = lambda s: f"slot {s} (token {s // k}, expert {flat[s]})"  # noqa: E731
-        where = f"{name}, M={tokens}, top-{k} of {E} experts, {routing} routing"
         try:
-            compare("intermediate h", got, ref, dtype, label)
+            compare_facts("intermediate h", got, ref, dtype, label, tol=tol)
         except CheckFailure as exc:
             if "NaN" in exc.message:
                 nan_slots = torch.isnan(got.detach().double().cpu()).any(dim=1).nonzero().flatten().tolist()
@@ -127,7 +151,22 @@ def check_fused_gate_up(fn, seed):
                     hint = (f"every slot of expert(s) {whole} was left unwritten (slots {ranges(nan_slots)}): is the grid "
                             "or the early exit skipping their blocks, or the store mask dropping rows? " + exc.hint)
                 raise CheckFailure(f"{where}: {exc.message}", hint) from None
-            hint = diagnose(got, p.x, p.w1, p.w3, p.topk_ids, tol, cfg.BLOCK_K)
-            raise CheckFailure(f"{where}: {exc.message}", hint or exc.hint) from None
-        done.append(f"{name} M={tokens} {routing}")
+            hint = diagnose(got, p.x, p.w1, p.w3, p.topk_ids, max(tol, 1e-4), cfg.BLOCK_K)
+            raise CheckFailure(f"{where}: {exc.message}", hint) from None
+        rec.require(fn, ("fused_gate_up_kernel",), "the intermediate h")
+        done.append(f"{name} M={tokens} E={E} k={k} {str(dtype).replace('torch.', '')} {routing}")
     return done
+
+
+def _fault_hint(exc: CheckFailure) -> str:
+    kind, msg = getattr(exc, "kind", ""), exc.message
+    if kind == "columns":
+        return ("mask the columns past N (offs_n < N) on the W1/W3 loads and the store, and the K tail "
+                "(offs_k < K - k * BLOCK_K) on every load, with other=0.0")
+    if "x_ptr" in msg and "read" in msg:
+        return "x has one row per TOKEN: gather row slot // top_k, and mask padding rows (slot < num_slots)"
+    if ("w1_ptr" in msg or "w3_ptr" in msg) and "read" in msg:
+        return "is the expert index off-by-one? expert e's matrix starts at w + e * stride_we, e = expert_ids[pid_m]"
+    if "out_ptr" in msg or "h_ptr" in msg:
+        return "store row `slot` (not the sorted row), and mask padding rows (slot < num_slots) and columns (offs_n < N)"
+    return exc.hint

@@ -90,8 +90,12 @@ def check_choose_gfx942_config(fn, seed):
             f"({r.agpr} accumulation), no spills, {r.matrix or 'no MFMA'}, {r.occupancy or '?'} waves per SIMD"]
 
 
-# LDS bytes that Triton 3.6.0 reported (metadata.shared) for portability_demo.tiled_matmul_kernel, bf16, gfx942:
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages) -> bytes. From the cross-compile runs behind docs/compile-report.md.
+# LDS bytes that Triton 3.6.0 reported (metadata.shared) for portability_demo.tiled_matmul_kernel on gfx942:
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages) -> bytes for bf16 (elem_bytes 2), from the cross-compile runs behind
+# docs/compile-report.md, and (..., elem_bytes) -> bytes for other element sizes and for num_stages = 1,
+# compiled with triton_moe.crosscompile on 2026-12-02 (fp8e4b8 = 1 byte, fp16 = 2, fp32 = 4). The rule they
+# follow: num_stages >= 2 keeps num_stages - 1 buffers of BOTH tiles, A (BLOCK_M x BLOCK_K) and W (BLOCK_K x
+# BLOCK_N); num_stages = 1 (no pipelining) stages one operand at a time through one buffer, the larger tile.
 OBSERVED_GFX942_LDS = {
     (64, 64, 32, 2): 8192, (64, 64, 32, 3): 16384, (64, 64, 32, 4): 24576, (64, 64, 64, 2): 16384,
     (64, 64, 64, 3): 32768, (64, 64, 64, 4): 49152, (128, 128, 32, 2): 16384, (128, 128, 32, 4): 49152,
@@ -99,36 +103,66 @@ OBSERVED_GFX942_LDS = {
     (16, 128, 128, 3): 73728, (32, 64, 64, 2): 12288, (32, 64, 64, 4): 36864, (64, 256, 64, 2): 40960,
     (64, 256, 64, 3): 81920, (64, 128, 64, 2): 24576, (64, 128, 64, 4): 73728, (128, 64, 128, 2): 49152,
     (64, 64, 128, 3): 65536, (16, 64, 64, 2): 10240, (128, 256, 64, 4): 147456,
+    # num_stages = 1
+    (64, 64, 32, 1): 4096, (128, 128, 64, 1): 16384, (64, 128, 32, 1): 8192, (128, 64, 32, 1): 8192,
+    (16, 128, 128, 1): 32768, (32, 64, 64, 1): 8192, (128, 256, 64, 1): 32768, (64, 256, 64, 1): 32768,
+    (128, 64, 64, 1): 16384,
+}
+OBSERVED_GFX942_LDS_BY_SIZE = {   # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, elem_bytes) -> bytes
+    (128, 64, 32, 3, 4): 49152, (64, 128, 32, 1, 4): 16384, (64, 128, 32, 2, 4): 24576, (64, 64, 32, 1, 4): 8192,
+    (64, 128, 64, 1, 1): 8192, (64, 128, 64, 2, 1): 12288,
 }
 
 
+def gfx942_lds_reference(bm: int, bn: int, bk: int, num_stages: int, elem_bytes: int = 2) -> int:
+    """The rule every observed row follows (see the tables above)."""
+    if num_stages <= 1:
+        return max(bm, bn) * bk * elem_bytes
+    return (num_stages - 1) * (bm + bn) * bk * elem_bytes
+
+
 @exercise("06", "gfx942_lds_bytes", points=1,
-          hint="two tiles live in LDS per buffer, A (BLOCK_M x BLOCK_K) and W (BLOCK_K x BLOCK_N), elem_bytes "
-               "each; count the buffers from the report: how does LDS change from num_stages=2 to 3 to 4?")
+          hint="per buffer, A (BLOCK_M x BLOCK_K) and W (BLOCK_K x BLOCK_N), elem_bytes each; count the buffers from "
+               "the report: how does LDS change from num_stages=1 to 2 to 3 to 4?")
 def check_gfx942_lds_bytes(fn, seed):
+    table = {k + (2,): v for k, v in OBSERVED_GFX942_LDS.items()}
+    table.update(OBSERVED_GFX942_LDS_BY_SIZE)
     got = {}
-    for (bm, bn, bk, s) in OBSERVED_GFX942_LDS:
-        v = fn(KernelConfig(bm, bn, bk, 8, 4, s), 2)
+    for key in table:
+        bm, bn, bk, s, eb = key
+        v = fn(KernelConfig(bm, bn, bk, 8, 4, s), eb)
         if not isinstance(v, int) or isinstance(v, bool):
             raise CheckFailure(f"gfx942_lds_bytes returned a {type(v).__name__}, expected an int (bytes)")
-        got[(bm, bn, bk, s)] = v
-    wrong = [k for k, want in OBSERVED_GFX942_LDS.items() if got[k] != want]
+        got[key] = v
+    wrong = [k for k, want in table.items() if got[k] != want]
     if not wrong:
-        return [f"{len(OBSERVED_GFX942_LDS)} configs match the compiler's LDS bytes on gfx942"]
-    (bm, bn, bk, s) = wrong[0]
-    msg = (f"{len(wrong)} of {len(OBSERVED_GFX942_LDS)} configs wrong; e.g. {bm}x{bn}x{bk} with num_stages={s}: "
-           f"you predict {got[wrong[0]]} B, the compiler reported {OBSERVED_GFX942_LDS[wrong[0]]} B on gfx942")
-    # Which usual mistake reproduces every answer?
+        return [f"{len(table)} configs (num_stages 1-4, elem_bytes 1, 2, 4) match the compiler's LDS bytes on gfx942"]
+    stage1 = [k for k in wrong if k[3] == 1]
+    first = next((k for k in wrong if k[3] > 1 and k[4] == 2), wrong[0])
+    bm, bn, bk, s, eb = first
+    msg = (f"{len(wrong)} of {len(table)} configs wrong; e.g. {bm}x{bn}x{bk} with num_stages={s}, elem_bytes={eb}: "
+           f"you predict {got[first]} B, the compiler reported {table[first]} B on gfx942")
+    # Which usual mistake reproduces every answer (at num_stages >= 2, elem_bytes 2 unless it is about elem_bytes)?
+    multi = [k for k in table if k[3] > 1]
     buffers = lambda s: max(1, s - 1)  # noqa: E731
     mistakes = [
-        (lambda bm, bn, bk, s: s * (bm + bn) * bk * 2,
+        (lambda bm, bn, bk, s, eb: s * (bm + bn) * bk * eb,
          "you count num_stages buffers, as sm_90 (Hopper) does in the report; on gfx942 (and sm_80) LDS holds "
          "num_stages - 1 of them"),
-        (lambda bm, bn, bk, s: buffers(s) * (bm + bn) * bk, "bytes, not elements: multiply by elem_bytes (2 for bf16)"),
-        (lambda bm, bn, bk, s: buffers(s) * bm * bk * 2,
+        (lambda bm, bn, bk, s, eb: buffers(s) * (bm + bn) * bk, "bytes, not elements: multiply by elem_bytes"),
+        (lambda bm, bn, bk, s, eb: buffers(s) * (bm + bn) * bk * 2,
+         "elem_bytes is ignored: the report's rows are bf16 (2 bytes), the function must scale with its elem_bytes "
+         "argument (1 for fp8, 4 for fp32)"),
+        (lambda bm, bn, bk, s, eb: buffers(s) * bm * bk * eb,
          "both operand tiles are staged in LDS: A (BLOCK_M x BLOCK_K) and W (BLOCK_K x BLOCK_N)"),
-        (lambda bm, bn, bk, s: buffers(s) * bn * bk * 2,
+        (lambda bm, bn, bk, s, eb: buffers(s) * bn * bk * eb,
          "both operand tiles are staged in LDS: A (BLOCK_M x BLOCK_K) and W (BLOCK_K x BLOCK_N)"),
     ]
-    hint = next((h for f, h in mistakes if all(got[k] == f(*k) for k in got)), "")
+    hint = next((h for f, h in mistakes if all(got[k] == f(*k) for k in multi)), "")
+    if not hint and set(wrong) <= set(stage1):
+        k1 = stage1[0]
+        msg = (f"num_stages=1 is wrong ({len(stage1)} configs); e.g. {k1[0]}x{k1[1]}x{k1[2]}, elem_bytes={k1[4]}: you "
+               f"predict {got[k1]} B, the compiler reported {table[k1]} B (every num_stages >= 2 row is right)")
+        hint = ("without pipelining (num_stages=1) the compiler does not keep both tiles: compare the num_stages=1 rows "
+                "with BLOCK_M x BLOCK_K and BLOCK_K x BLOCK_N")
     raise CheckFailure(msg, hint)

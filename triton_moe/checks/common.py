@@ -27,11 +27,15 @@ def diagnose_combine(out: torch.Tensor, contributions: torch.Tensor, topk_weight
     for e in torch.unique(ids).tolist():
         if int((ids == e).any(dim=1).sum()) >= 2 and close(ref - (C * (ids == e)[:, :, None]).sum(1)):
             return f"the output matches the reference with expert {e}'s contribution left out: is a loop skipping expert {e}?"
-    # Per-token: which slot is missing?
+    # Per-token: which slots are missing? (any subset: top_k is at most 8 here)
     bad = ((out - ref).norm(dim=1) > tol * ref.norm(dim=1).clamp_min(1e-12)).nonzero().flatten().tolist()
+    k = C.shape[1]
     for t in bad[:1]:
-        for s in range(C.shape[1]):
-            if relative_error(out[t], ref[t] - C[t, s]) <= tol:
-                return (f"token {t} is missing the contribution of expert {int(ids[t, s])} (its slot {s}); "
-                        f"{len(bad)} token(s) are wrong in all")
+        for mask in range(1, 2 ** k - 1):
+            kept = [s for s in range(k) if mask >> s & 1]
+            if relative_error(out[t], C[t, kept].sum(0)) <= tol:
+                missing = [s for s in range(k) if s not in kept]
+                experts = [int(ids[t, s]) for s in missing]
+                return (f"token {t} is missing the contribution of expert(s) {experts} (its slot(s) {missing}); "
+                        f"{len(bad)} token(s) are wrong in all: is every (token, slot) pair with that expert found?")
     return ""
