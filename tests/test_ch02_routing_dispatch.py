@@ -43,10 +43,9 @@ TOPK_BUGS = {
 }
 
 DEEPSEEK_BUGS = {
-    "top1-group-score": ("(top1 + top2)[:, None]", "(top1 + top1)[:, None]", "TWO best"),
+    "top1-group-score": ("tl.sum(two_best, axis=1)[:, None]", "2 * tl.max(two_best, axis=1)[:, None]", "TWO best"),
     "no-group-limit": ("    choice = tl.where(keep, choice, NEG)\n", "    choice = choice\n", "group limit is missing"),
-    "biased-weights": ("tl.where(cols[None, :] == idx[:, None], scores, 0.0)",
-                       "tl.where(cols[None, :] == idx[:, None], scores + bias[None, :], 0.0)", "UNBIASED"),
+    "biased-weights": ("topk_select(choice, scores, BLOCK_T", "topk_select(choice, choice, BLOCK_T", "UNBIASED"),
     "no-scale": ("/ tl.sum(chosen_w, axis=1)[:, None] * scale", "/ tl.sum(chosen_w, axis=1)[:, None]",
                  "routed_scaling_factor"),
     "no-bias": ("scores + bias[None, :], NEG)", "scores, NEG)", "WITHOUT the correction bias"),
@@ -292,7 +291,7 @@ def test_router_launch_table(tmp_path):
 REMOVE = 'x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)'
 MORE_TOPK_BUGS = {
     "remove-all-equal": (REMOVE, 'x = tl.where(x == best[:, None], float("-inf"), x)', "EQUAL logits"),
-    "weights-without-max": ("tl.exp(best - x_max)[:, None]", "tl.exp(best)[:, None]", "subtract the max"),
+    "weights-without-max": ("tl.exp(best - x_max[:, None])", "tl.exp(best)", "subtract the max"),
 }
 
 
