@@ -54,7 +54,8 @@ def check_route_topk(fn, seed):
         p = make_problem(shape, tokens, torch.float32, device(), seed + i, routing)
         k, E = shape.top_k, shape.experts
         # a large common offset per row: exp overflows float32 (exp(89) > 3.4e38), the softmax does not change
-        logits = (p.logits + scale * (1 + torch.rand(tokens, 1, generator=gen))).float() if scale > 1 else p.logits.clone()
+        offset = scale * (1 + torch.rand(tokens, 1, generator=gen)).to(p.logits.device)
+        logits = (p.logits + offset).float() if scale > 1 else p.logits.clone()
         _plant_ties(logits, k, gen)
         where = f"M={tokens}, E={E}, top_k={k}" + (f", logits up to {float(logits.abs().max()):.0f}" if scale > 1 else "")
         got = fn(logits.clone(), k)

@@ -67,6 +67,8 @@ class Record:
     def require(self, fn, kernels, what: str = "the result") -> None:
         """Fail unless every kernel named in ``kernels`` (looked up in the learner's namespace, the globals of
         ``fn``) was touched, launched and stored something."""
+        if hasattr(fn, "launch_records"):
+            return  # a grading proxy: the kernels ran in the learner's process; the grader judges its launches
         ns = getattr(fn, "__globals__", {}) or {}
         for name in kernels:
             k = ns.get(name)
