@@ -43,11 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import validate
-from ..configs import KernelConfig, pick
+from .. import configs, validate
+from ..configs import KernelConfig
+from ..target import current as current_target
 from ..mode import ON_GPU, check_interpreter_dtype, default_dtype
 from .down_combine import SUM_BLOCK_N, moe_sum_kernel
 from .fused_gate_up import blocks_bound, check_dispatch
+from .grouped_gemm import grouped_launch_order
 from .fused_moe import dispatch, route, route_dispatch, small_path
 
 __all__ = ["QuantizedExperts", "fp8_dtype", "fp8_format", "quantize_experts", "from_deepseek_v3_checkpoint",
@@ -64,12 +66,8 @@ INF = 1 << 30
 
 
 def _this_target() -> str:
-    if not ON_GPU:
-        return "cpu"
-    if getattr(torch.version, "hip", None):
-        return torch.cuda.get_device_properties(0).gcnArchName.split(":")[0]
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}"
+    t = current_target()   # detected once for the whole package (and simulated by the compile check)
+    return t.arch if t.on_gpu else "cpu"
 
 
 def fp8_dtype(target: str | None = None) -> torch.dtype:
@@ -362,14 +360,7 @@ def fused_gate_up_fp8_kernel(
     BLOCK_SCALED: x is fp8 with scales xs [M, K / GROUP_K], the weights' scales are [E, N / GROUP_N,
     K / GROUP_K] (each K step lies in one K block: BLOCK_K divides GROUP_K). Otherwise x is bf16/fp32, the
     weights have one scale per column (GROUP_N = 1, stride_sk = 0), applied after the loop."""
-    pid = tl.program_id(0)
-    num_pid_m = EM // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = grouped_launch_order(tl.program_id(0), EM // BLOCK_M, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     num_post = tl.load(num_tokens_post_padded_ptr)
     if pid_m * BLOCK_M >= num_post:
@@ -451,15 +442,8 @@ def down_combine_fp8_kernel(
     """acc[slot // top_k] += w * (h[slot] . w2[e, n]) (ATOMIC) or acc[slot] = ... with fp8 W2, as chapter 5's
     kernel; scales as in :func:`fused_gate_up_fp8_kernel` (h fp8 + hs when BLOCK_SCALED). N = hidden,
     K = ffn; program axis 1 is the K slice (its start is a multiple of GROUP_K when BLOCK_SCALED)."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_launch_order(tl.program_id(0), EM // BLOCK_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = EM // BLOCK_M
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
 
     num_post = tl.load(num_tokens_post_padded_ptr)
     if pid_m * BLOCK_M >= num_post:
@@ -537,14 +521,17 @@ GPU_TABLES = {   # a reasonable fallback, never tuned: small BLOCK_M and deep pi
         (INF, KernelConfig(128, 64, 128, 8, 8, 3, extra={"SPLIT_K": 1})),
     ],
 }
-AMD_LDS_BYTES = 64 * 1024
 B_TILES = {"fused_gate_up_fp8": 2, "down_combine_fp8": 1}
+for _op in CPU_TABLES:   # the one chooser's registry: tables/<op>.<device|vendor>.json win once a tuning run writes them
+    configs.register(configs.Op(_op, key="tokens M", cpu=tuple(CPU_TABLES[_op]), portable=tuple(GPU_TABLES[_op]),
+                                weight_tiles=B_TILES[_op]))
 
 
 def fit(cfg: KernelConfig, op: str, a_bytes: int, amd: bool) -> KernelConfig:
     """Make a config fit the target: AMD pipelines at most 2 stages and has 64 KB of LDS; bf16 activations
-    (weight-only) double the x tile. Halve BLOCK_K (it must keep dividing 128), then drop stages."""
-    limit = AMD_LDS_BYTES if amd else 227 * 1024
+    (weight-only) double the x tile. Halve BLOCK_K (it must keep dividing 128), then drop stages. (Not
+    :func:`configs.fit_shared`: here the x and weight tiles have different element sizes, 1-4 and 1 bytes.)"""
+    limit = configs.AMD_LDS_BYTES if amd else configs.NVIDIA_SHARED_BYTES
     c = dataclasses.replace(cfg, num_stages=min(cfg.num_stages, 2) if amd else cfg.num_stages, extra=dict(cfg.extra))
 
     def staged(c):
@@ -561,11 +548,10 @@ def fit(cfg: KernelConfig, op: str, a_bytes: int, amd: bool) -> KernelConfig:
 def pick_config(op: str, M: int, a_bytes: int = 1, vendor_name: str | None = None) -> KernelConfig:
     """The launch config of ``op`` ("fused_gate_up_fp8", "down_combine_fp8") at M tokens; ``a_bytes``: bytes
     per activation element (1 for w8a8, 2 or 4 weight-only)."""
-    if vendor_name is None:
-        vendor_name = "cpu" if not ON_GPU else ("amd" if getattr(torch.version, "hip", None) else "nvidia")
-    if vendor_name == "cpu":
-        return pick(CPU_TABLES[op], M)
-    return fit(pick(GPU_TABLES[op], M), op, a_bytes, vendor_name == "amd")
+    vendor_name = vendor_name or current_target().vendor
+    cfg = configs.choose(op, M, target={"cpu": "cpu", "nvidia": "sm_90", "amd": "gfx942"}[vendor_name]
+                         if vendor_name != current_target().vendor else None)
+    return cfg if vendor_name == "cpu" else fit(cfg, op, a_bytes, vendor_name == "amd")
 
 
 # --------------------------------------------------------------------------------------------------
